@@ -1,0 +1,36 @@
+# Two set-up commands for a fresh machine: `make demo` and `make test` (see README.md).
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+RUN    ?= runs/demo
+# numba (umap-learn) compiles on first use; keep its cache on disk between runs.
+export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
+
+.PHONY: install demo test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml requirements.txt requirements-test.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt -r requirements-test.txt
+	$(PIP) install -q --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/actatlas collect --model efficientnet_lite0 --images sample:256 --out $(RUN) --batch-size 32
+	@echo
+	@echo "Collected activations are in $(RUN)/collect (open them with actatlas.open_run('$(RUN)'))."
+
+test: install
+	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: install
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf $(VENV) runs .cache .pytest_cache

@@ -1,0 +1,21 @@
+"""Image sources: folders, lists of paths and the bundled sample photos (see `sources`)."""
+
+from .sources import (
+    IMAGE_EXTENSIONS,
+    ImageDecodeError,
+    ImageItem,
+    ImageSource,
+    images,
+    load_rgb,
+    to_rgb,
+)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageDecodeError",
+    "ImageItem",
+    "ImageSource",
+    "images",
+    "load_rgb",
+    "to_rgb",
+]

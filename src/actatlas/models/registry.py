@@ -1,0 +1,82 @@
+"""Model registry: names -> factories returning a `ModelSpec`.
+
+Built in: ``efficientnet_lite0`` (embedded default), ``inceptionv1`` (Lucid GoogLeNet, user weights).
+Adapters: ``torchvision:<name>``, ``timm:<name>`` (optional extras) and ``package.module:factory`` for
+any callable returning an ``nn.Module`` or a ``ModelSpec``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import logging
+from typing import Callable
+
+from ..errors import UserError
+from .spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+_REGISTRY: dict[str, Callable[..., ModelSpec]] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+
+
+def register(name: str, description: str = ""):
+    """Decorator registering a factory ``f(weights=None, **kw) -> ModelSpec`` under `name`."""
+
+    def deco(fn):
+        _REGISTRY[name] = fn
+        _DESCRIPTIONS[name] = description or (fn.__doc__ or "").strip().splitlines()[0]
+        return fn
+
+    return deco
+
+
+def _ensure_builtin():
+    from . import efficientnet, inception  # noqa: F401  (registers on import)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a glob `pattern` (timm style: ``list_models("eff*")``)."""
+    _ensure_builtin()
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def describe_models() -> dict[str, str]:
+    _ensure_builtin()
+    return {n: _DESCRIPTIONS[n] for n in sorted(_REGISTRY)}
+
+
+def load_model(name: str, weights: str | None = None, sha256: str | None = None,
+               device: str = "cpu", **kwargs) -> ModelSpec:
+    """Build a model by name and move it to `device` (eval mode, no grad on parameters).
+
+    Args:
+        name: a registered name, ``torchvision:<name>``, ``timm:<name>`` or ``package.module:factory``.
+        weights: optional weights file path or URL (``file://``, ``https://``) where the model takes them.
+        sha256: expected checksum of downloaded weights.
+    """
+    _ensure_builtin()
+    if name in _REGISTRY:
+        spec = _REGISTRY[name](weights=weights, sha256=sha256, **kwargs)
+    elif name.startswith("torchvision:"):
+        from .adapters import torchvision_model
+
+        spec = torchvision_model(name.split(":", 1)[1], weights=weights, sha256=sha256, **kwargs)
+    elif name.startswith("timm:"):
+        from .adapters import timm_model
+
+        spec = timm_model(name.split(":", 1)[1], weights=weights, sha256=sha256, **kwargs)
+    elif ":" in name and not name.startswith(("/", ".")):
+        from .adapters import factory_model
+
+        spec = factory_model(name, weights=weights, sha256=sha256, **kwargs)
+    else:
+        raise UserError(
+            f"unknown model {name!r}. Available: {', '.join(list_models())}; "
+            "or torchvision:<name>, timm:<name>, package.module:factory"
+        )
+    spec.module.eval()
+    for p in spec.module.parameters():
+        p.requires_grad_(False)
+    return spec.to_device(device)

@@ -1,0 +1,289 @@
+"""Chunked, resumable on-disk store of collected activations (design.md "Artifacts of a run directory").
+
+Layout of ``RUN/collect/``::
+
+    .lock                         flock held by the one collect writing here
+    shards/shard-000003/          one committed shard = images [3*S, 4*S) of the source
+        meta.json                 image range, skipped files, rows per layer
+        <layer>/activations.npy   [m, c]
+        <layer>/attributions.npy  [m, classes] float16          (--attributions full)
+        <layer>/attr_index.npy, attr_value.npy   [m, k]          (--attributions topk)
+        <layer>/rows.parquet      provenance of the m rows
+    <layer>/...                   the same files for the whole run, written when every shard is in
+    complete.json                 summary; its presence means the store is complete
+
+A shard is written into a temporary folder and committed by one ``rename`` (atomic on POSIX), so a
+run killed at any instant leaves only whole shards; a rerun skips them and continues. Shards are
+consolidated into one memory-mappable ``.npy`` per array at the end and then removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import UserError
+
+ROW_FIELDS = ("row", "image", "path", "label", "layer", "y", "x", "top5", "top5_prob")
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to `path` via a temporary file and rename (never a half-written file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o)}")
+
+
+def layer_dirname(layer: str) -> str:
+    """A layer label as a folder name (dots are fine on every filesystem; slashes are not)."""
+    return layer.replace("/", "_")
+
+
+class RunLock:
+    """Exclusive, non-blocking lock on a run directory stage. Released by the OS if the process dies."""
+
+    def __init__(self, path: Path, what: str):
+        self.path = Path(path)
+        self.what = what
+        self._fd: int | None = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                try:
+                    holder = self.path.read_text().strip()
+                except OSError:
+                    holder = "?"
+                raise UserError(
+                    f"another {self.what} is already writing into {self.path.parent} (pid {holder}); "
+                    "wait for it to finish or use another --out"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass
+class LayerBatch:
+    """Rows for one layer from one batch of images (all arrays share the first dimension m)."""
+
+    activations: np.ndarray          # [m, c]
+    image: np.ndarray                # [m] int64 image index in the source
+    y: np.ndarray                    # [m] int16
+    x: np.ndarray                    # [m] int16
+    top5: np.ndarray                 # [m, 5] int32 predicted classes of the image
+    top5_prob: np.ndarray            # [m, 5] float32
+    attributions: np.ndarray | None = None   # [m, classes] float16 (full)
+    attr_index: np.ndarray | None = None     # [m, k] int32 (topk)
+    attr_value: np.ndarray | None = None     # [m, k] float32 (topk)
+
+
+class ShardWriter:
+    """Accumulates the rows of one shard and commits them atomically."""
+
+    def __init__(self, store_dir: Path, shard_id: int, start: int, stop: int, layers: list[str],
+                 act_dtype: np.dtype):
+        self.store_dir = Path(store_dir)
+        self.shard_id, self.start, self.stop = shard_id, start, stop
+        self.layers = layers
+        self.act_dtype = np.dtype(act_dtype)
+        self.parts: dict[str, list[LayerBatch]] = {name: [] for name in layers}
+        self.skipped: list[dict] = []
+
+    def add(self, layer: str, batch: LayerBatch) -> None:
+        self.parts[layer].append(batch)
+
+    def skip(self, index: int, path: str, reason: str) -> None:
+        self.skipped.append({"image": int(index), "path": path, "reason": reason})
+
+    def commit(self, paths: list[str], labels: np.ndarray) -> None:
+        """Write everything into a temp folder, then rename it into place. `paths`/`labels` are
+        indexed by source image index."""
+        shards = self.store_dir / "shards"
+        final = shards / f"shard-{self.shard_id:06d}"
+        tmp = shards / f".tmp-shard-{self.shard_id:06d}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        rows_per_layer = {}
+        for layer in self.layers:
+            d = tmp / layer_dirname(layer)
+            d.mkdir()
+            parts = self.parts[layer]
+            cat = lambda attr, dt=None: _concat([getattr(p, attr) for p in parts], dt)  # noqa: E731
+            acts = cat("activations", self.act_dtype)
+            np.save(d / "activations.npy", acts)
+            if parts and parts[0].attributions is not None:
+                np.save(d / "attributions.npy", cat("attributions", np.float16))
+            if parts and parts[0].attr_index is not None:
+                np.save(d / "attr_index.npy", cat("attr_index", np.int32))
+                np.save(d / "attr_value.npy", cat("attr_value", np.float32))
+            image = cat("image", np.int64) if parts else np.zeros(0, np.int64)
+            table = rows_table(
+                layer=layer, image=image,
+                path=[paths[i] for i in image], label=labels[image] if len(image) else np.zeros(0, np.int32),
+                y=cat("y", np.int16) if parts else np.zeros(0, np.int16),
+                x=cat("x", np.int16) if parts else np.zeros(0, np.int16),
+                top5=cat("top5", np.int32) if parts else np.zeros((0, 5), np.int32),
+                top5_prob=cat("top5_prob", np.float32) if parts else np.zeros((0, 5), np.float32),
+            )
+            pq.write_table(table, d / "rows.parquet")
+            rows_per_layer[layer] = int(len(image))
+        write_json_atomic(tmp / "meta.json", {
+            "shard": self.shard_id, "start": self.start, "stop": self.stop,
+            "skipped": self.skipped, "rows": rows_per_layer,
+        })
+        _fsync_dir(tmp)
+        os.rename(tmp, final)
+        _fsync_dir(shards)
+
+
+def _concat(arrays: list[np.ndarray], dtype=None) -> np.ndarray:
+    arrays = [a for a in arrays if a is not None]
+    out = np.concatenate(arrays, axis=0) if arrays else np.zeros((0,))
+    return out.astype(dtype, copy=False) if dtype is not None else out
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rows_table(*, layer: str, image, path, label, y, x, top5, top5_prob, row_offset: int = 0) -> pa.Table:
+    """The provenance table: one row per collected vector."""
+    n = len(image)
+    return pa.table({
+        "row": pa.array(np.arange(row_offset, row_offset + n, dtype=np.int64)),
+        "image": pa.array(np.asarray(image, np.int64)),
+        "path": pa.array(list(path), pa.string()),
+        "label": pa.array(np.asarray(label, np.int32)),
+        "layer": pa.array([layer] * n, pa.string()),
+        "y": pa.array(np.asarray(y, np.int16)),
+        "x": pa.array(np.asarray(x, np.int16)),
+        "top5": pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(top5, np.int32).reshape(-1)), 5),
+        "top5_prob": pa.FixedSizeListArray.from_arrays(
+            pa.array(np.asarray(top5_prob, np.float32).reshape(-1)), 5),
+    })
+
+
+def committed_shards(store_dir: Path) -> dict[int, dict]:
+    """shard id -> meta of every committed shard. Stale temp folders are removed (caller holds the lock)."""
+    shards = Path(store_dir) / "shards"
+    out: dict[int, dict] = {}
+    if not shards.is_dir():
+        return out
+    for p in shards.iterdir():
+        if p.name.startswith(".tmp-"):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith("shard-") and (p / "meta.json").is_file():
+            meta = json.loads((p / "meta.json").read_text())
+            out[int(meta["shard"])] = meta
+    return out
+
+
+def consolidate(store_dir: Path, layers: list[str], n_shards: int) -> dict:
+    """Merge shards 0..n_shards-1 into one array file per layer (streamed, bounded memory).
+
+    Returns {"rows": {layer: n}, "skipped": [...]}. Idempotent: safe to rerun after a crash.
+    """
+    store_dir = Path(store_dir)
+    shard_dirs = [store_dir / "shards" / f"shard-{i:06d}" for i in range(n_shards)]
+    metas = [json.loads((d / "meta.json").read_text()) for d in shard_dirs]
+    rows = {}
+    for layer in layers:
+        ld = layer_dirname(layer)
+        out_dir = store_dir / ld
+        tmp_dir = store_dir / f".tmp-{ld}-{os.getpid()}"
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir)
+        tmp_dir.mkdir(parents=True)
+        names = [f.name for f in (shard_dirs[0] / ld).iterdir() if f.suffix == ".npy"] if shard_dirs else []
+        total = sum(m["rows"][layer] for m in metas)
+        for fname in sorted(names):
+            first = np.load(shard_dirs[0] / ld / fname, mmap_mode="r")
+            out = np.lib.format.open_memmap(tmp_dir / fname, mode="w+", dtype=first.dtype,
+                                            shape=(total,) + first.shape[1:])
+            pos = 0
+            for d in shard_dirs:
+                part = np.load(d / ld / fname, mmap_mode="r")
+                out[pos:pos + len(part)] = part
+                pos += len(part)
+            out.flush()
+            del out
+        writer = None
+        offset = 0
+        try:
+            for d in shard_dirs:
+                t = pq.read_table(d / ld / "rows.parquet")
+                t = t.set_column(0, "row", pa.array(np.arange(offset, offset + len(t), dtype=np.int64)))
+                offset += len(t)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp_dir / "rows.parquet", t.schema)
+                writer.write_table(t)
+        finally:
+            if writer is not None:
+                writer.close()
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(tmp_dir, out_dir)
+        rows[layer] = total
+    skipped = [s for m in metas for s in m["skipped"]]
+    return {"rows": rows, "skipped": skipped}
+
+
+def remove_shards(store_dir: Path) -> None:
+    shutil.rmtree(Path(store_dir) / "shards", ignore_errors=True)
+
+
+def iter_chunks(array: np.ndarray, chunk_rows: int = 65536) -> Iterable[tuple[int, np.ndarray]]:
+    """Yield (start, float32 chunk) over a (memory-mapped) [n, c] array, bounded memory."""
+    for start in range(0, len(array), chunk_rows):
+        yield start, np.asarray(array[start:start + chunk_rows], dtype=np.float32)
+
+
+def check_writable_run(out: Path) -> None:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
