@@ -76,6 +76,9 @@ def load_model(name: str, weights: str | None = None, sha256: str | None = None,
             f"unknown model {name!r}. Available: {', '.join(list_models())}; "
             "or torchvision:<name>, timm:<name>, package.module:factory"
         )
+    # how to load this model again (later stages of a run reload it by name)
+    spec.info["load_args"] = {"weights": weights, "sha256": sha256,
+                              **{k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))}}
     spec.module.eval()
     for p in spec.module.parameters():
         p.requires_grad_(False)
