@@ -80,7 +80,106 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--loader-threads", type=int, default=2)
     _add_common(p)
+    p = sub.add_parser("layout", help="2-D layout (UMAP by default) of a collected layer")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--layer", "-l", help="collected layer (default: the first)")
+    _add_layout_args(p)
+    _add_common(p)
+
+    p = sub.add_parser("grid", help="multi-level grid of cells over the layout")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--layer", "-l")
+    _add_grid_args(p)
+    _add_common(p)
+
+    p = sub.add_parser("render", help="render one icon per grid cell (feature visualization)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--layer", "-l")
+    _add_render_args(p)
+    _add_common(p)
+
+    p = sub.add_parser("build", help="collect -> layout -> grid -> render -> atlas PNGs, skipping finished stages")
+    _add_model_args(p)
+    p.add_argument("--images", "-i", required=True, help="a folder, a .txt list or sample[:N]")
+    p.add_argument("--out", "-o", required=True, help="run directory")
+    p.add_argument("--layer", "-l", help="layer name or alias (default: the model's)")
+    p.add_argument("--limit", type=int, help="use only the first N images")
+    p.add_argument("--per-image", type=int, default=1, help="random positions per image")
+    p.add_argument("--batch-size-collect", type=int, default=32, dest="collect_batch_size")
+    p.add_argument("--seed", type=int, default=0, help="seed for positions, layout and icons")
+    _add_layout_args(p, seed=False)
+    _add_grid_args(p)
+    _add_render_args(p, device=False, seed=False)
+    _add_common(p)
     return parser
+
+
+def _add_layout_args(p, seed: bool = True) -> None:
+    p.add_argument("--method", default="umap", choices=["umap", "tsne", "pca"], help="default: umap")
+    p.add_argument("--n-neighbors", type=int, default=50, help="UMAP neighbours (article: 50)")
+    p.add_argument("--min-dist", type=float, default=0.05, help="UMAP min_dist (article: 0.05)")
+    p.add_argument("--metric", default="cosine", help="UMAP/t-SNE metric (article: cosine for mid layers)")
+    p.add_argument("--pca-dims", type=int, default=None, help="PCA pre-reduction before UMAP/t-SNE")
+    p.add_argument("--fit-max", type=int, default=None, help="fit the layout on at most N rows, place the rest")
+    if seed:
+        p.add_argument("--seed", type=int, default=0)
+
+
+def _add_grid_args(p) -> None:
+    p.add_argument("--levels", default="10,20,40", help="grid sizes, coarse to fine (default: %(default)s)")
+    p.add_argument("--min-count", type=int, default=6,
+                   help="keep cells with at least this many samples (default 6 = the recipe's count > 5)")
+
+
+def _add_render_args(p, device: bool = True, seed: bool = True) -> None:
+    p.add_argument("--steps", type=int, help="optimisation steps per icon")
+    p.add_argument("--attempts", type=int, help="independent attempts per icon, best kept")
+    p.add_argument("--icon-size", type=int, help="icon side in pixels")
+    p.add_argument("--icon-batch", type=int, help="icons optimised together")
+    p.add_argument("--article", action="store_true",
+                   help="the article's settings (1024 steps, 4 attempts, 80 px, batch 100): for a GPU")
+    p.add_argument("--objective", choices=["lucid", "cosine", "dot"], help="direction objective variant")
+    p.add_argument("--power", type=float, help="cosine power in the objective")
+    p.add_argument("--transforms", choices=["recipe", "notebook", "none"], help="robustness transforms")
+    p.add_argument("--no-whiten", action="store_true", help="do not whiten the target directions")
+    if device:
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--threads", type=int, default=None)
+    if seed:
+        p.add_argument("--seed", type=int, default=0)
+
+
+def _layout_cfg(args):
+    from .layout import LayoutConfig
+
+    return LayoutConfig(method=args.method, n_neighbors=args.n_neighbors, min_dist=args.min_dist,
+                        metric=args.metric, pca_dims=args.pca_dims, fit_max=args.fit_max, seed=args.seed)
+
+
+def _levels(args) -> list[int]:
+    try:
+        return [int(x) for x in args.levels.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--levels must be comma-separated integers, not {args.levels!r}") from None
+
+
+def _render_cfg(args):
+    import dataclasses
+
+    from .render import RenderConfig
+
+    cfg = RenderConfig.article() if args.article else RenderConfig.cpu_default()
+    over = {"steps": args.steps, "attempts": args.attempts, "icon_size": args.icon_size,
+            "batch_size": args.icon_batch, "objective": args.objective, "power": args.power,
+            "transforms": args.transforms}
+    try:
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None},
+                                  seed=args.seed, device=args.device)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if args.no_whiten:
+        cfg = dataclasses.replace(cfg, whiten=False)
+    return cfg
 
 
 def _load(args):
@@ -171,7 +270,72 @@ def cmd_eval(args) -> None:
     _emit(args, res.to_dict(), human)
 
 
-COMMANDS = {"models": cmd_models, "layers": cmd_layers, "collect": cmd_collect, "eval": cmd_eval}
+def _report(rep) -> str:
+    return f"{rep.name}: {'done in %.1f s' % rep.seconds if rep.ran else 'unchanged, skipped'}"
+
+
+def cmd_layout(args) -> None:
+    from .pipeline import run_layout
+
+    rep, layout = run_layout(args.run, args.layer, _layout_cfg(args), progress=not args.quiet)
+    _emit(args, {"stage": rep.name, "ran": rep.ran, "seconds": rep.seconds, "rows": int(len(layout.coords))},
+          _report(rep) + f" ({len(layout.coords)} points)")
+
+
+def cmd_grid(args) -> None:
+    from .pipeline import run_grid
+
+    rep, levels = run_grid(args.run, args.layer, _levels(args), min_count=args.min_count, progress=not args.quiet)
+    cells = {int(lv.size): int(len(lv.i)) for lv in levels}
+    _emit(args, {"stage": rep.name, "ran": rep.ran, "seconds": rep.seconds, "cells": cells},
+          _report(rep) + " (cells per level: " + ", ".join(f"{g}: {c}" for g, c in cells.items()) + ")")
+
+
+def cmd_render(args) -> None:
+    from .pipeline import run_assemble, run_render
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cfg = _render_cfg(args)
+    rep, icons, S = run_render(args.run, args.layer, cfg, progress=not args.quiet)
+    from .run import open_run
+
+    layer = args.layer or open_run(args.run).layers[0]
+    atlas, pngs = run_assemble(args.run, layer, icons, S)
+    _emit(args, {"stage": rep.name, "ran": rep.ran, "seconds": rep.seconds,
+                 "pngs": {str(g): str(p) for g, p in pngs.items()}},
+          _report(rep) + "\n" + "\n".join(f"level {g}: {p}" for g, p in pngs.items()))
+
+
+def cmd_build(args) -> None:
+    from .collect import CollectConfig
+    from .pipeline import build
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    res = build(args.model, args.images, args.out, layer=args.layer, limit=args.limit, levels=_levels(args),
+                collect_cfg=CollectConfig(per_image=args.per_image, seed=args.seed,
+                                          batch_size=args.collect_batch_size),
+                layout_cfg=_layout_cfg(args), render_cfg=_render_cfg(args), min_count=args.min_count,
+                weights=args.weights, sha256=args.sha256, device=args.device,
+                progress=not args.quiet)
+    s = res.summary
+    lines = [f"atlas of {s['model']} layer {s['layer']} from {s['samples']} samples:"]
+    for lv in s["levels"]:
+        lines.append(f"  level {lv['size']:>3}: {lv['cells']:>5} cells, icon fidelity "
+                     f"{lv['icon_fidelity'] if lv['icon_fidelity'] is None else round(lv['icon_fidelity'], 3)}, "
+                     f"best real member {lv['member_fidelity'] if lv['member_fidelity'] is None else round(lv['member_fidelity'], 3)}")
+    lines.append("stages run: " + (", ".join(s["stages_run"]) or "none (everything up to date)"))
+    lines += [f"canvas level {g}: {p}" for g, p in s["pngs"].items()]
+    _emit(args, s, "\n".join(lines))
+
+
+COMMANDS = {"models": cmd_models, "layers": cmd_layers, "collect": cmd_collect, "eval": cmd_eval,
+            "layout": cmd_layout, "grid": cmd_grid, "render": cmd_render, "build": cmd_build}
 
 
 def main(argv: list[str] | None = None) -> int:

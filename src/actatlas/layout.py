@@ -1,0 +1,491 @@
+"""Layout stage: activation vectors [n, c] -> 2-D positions in [0, 1]^2 (method.md §1.4-1.5).
+
+``compute_layout(acts, LayoutConfig())`` runs UMAP (the article's choice; default settings are the
+article's mid-layer ``50_0.05_cosine``), t-SNE or PCA and normalizes the result with the reference
+``normalize_layout`` (percentile clip + margin, asymmetric margins reproduced exactly).
+
+Determinism: with ``seed`` set (default 0) and ``deterministic=True`` umap-learn runs its SGD on one
+thread, so the same data and seed give a bit-identical layout. ``deterministic=False`` lets it use
+all cores (faster on big inputs, not reproducible). t-SNE and PCA are deterministic for a fixed seed.
+
+numba: umap-learn compiles its kernels on first use in every process (~30-60 s here). We point numba
+at an on-disk cache (``NUMBA_CACHE_DIR``, default ``~/.cache/actatlas/numba`` or
+``$ACTATLAS_CACHE/numba``) and switch caching on for umap-learn's and pynndescent's jitted functions
+(most are declared without ``cache=True``), which turns a warm process's UMAP JIT from ~30 s into ~1 s.
+Set ``ACTATLAS_UMAP_JIT_CACHE=0`` to leave umap-learn's functions untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import UserError
+from .store import layer_dirname, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+METHODS = ("umap", "tsne", "pca")
+ENGINES = ("auto", "umap-learn", "cuml")
+METRICS = ("cosine", "euclidean", "correlation", "manhattan", "chebyshev", "canberra", "braycurtis")
+MIN_ROWS = 4
+
+
+# ----------------------------------------------------------------------------------------------
+# normalization (§1.5)
+
+def normalize_layout(raw: np.ndarray, min_percentile: float = 1, max_percentile: float = 99,
+                     relative_margin: float = 0.1, symmetric: bool = False) -> np.ndarray:
+    """Reference layout normalization (Lucid ``normalize_layout``, method.md §1.5), per axis.
+
+    1. ``lo = P_min``, ``hi = P_max`` (``np.percentile``, linear interpolation); R = hi - lo.
+    2. ``lo -= margin * R``; then ``hi += margin * (hi - lo_new)``: the upper margin is therefore
+       ``margin * (1 + margin) * R`` (0.11 R for 0.1) -- the reference's quirk, kept for fidelity.
+       ``symmetric=True`` uses ``margin * R`` on both sides instead.
+    3. clip to [lo, hi]; subtract the clipped minimum; divide by the clipped maximum, so every axis
+       spans exactly [0, 1] (min 0, max 1).
+
+    A degenerate axis (all values equal after clipping) maps to 0.5 (the reference would give NaN).
+
+    raw: [n, d] (d = 2 for a layout), n >= 1, finite. Returns [n, d] float64 in [0, 1].
+    """
+    x = np.asarray(raw, dtype=np.float64)
+    if x.ndim != 2 or len(x) == 0:
+        raise UserError(f"normalize_layout needs a non-empty [n, d] array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise UserError("the layout contains NaN or infinite values")
+    if not 0 <= min_percentile < max_percentile <= 100:
+        raise UserError(f"need 0 <= min_percentile < max_percentile <= 100, got {min_percentile}, "
+                        f"{max_percentile}")
+    if relative_margin < 0:
+        raise UserError(f"relative_margin must be >= 0, got {relative_margin}")
+    lo = np.percentile(x, min_percentile, axis=0)
+    hi = np.percentile(x, max_percentile, axis=0)
+    span = hi - lo
+    lo = lo - relative_margin * span
+    hi = hi + relative_margin * (span if symmetric else (hi - lo))
+    out = np.clip(x, lo, hi)
+    out -= out.min(axis=0)
+    top = out.max(axis=0)
+    flat = top <= 0
+    out /= np.where(flat, 1.0, top)
+    out[:, flat] = 0.5
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# config and result
+
+@dataclass(frozen=True)
+class LayoutConfig:
+    """Settings of the layout stage (method.md §1.4). Defaults: the article's ``50_0.05_cosine``.
+
+    method:       "umap" | "tsne" | "pca".
+    n_neighbors, min_dist, metric: UMAP parameters (metric is also t-SNE's; PCA ignores it).
+                  ``n_neighbors >= n`` is clamped to ``n - 1`` with a warning.
+    pca_dims:     reduce to this many PCA dimensions before UMAP / t-SNE (None = no pre-reduction).
+                  For metric "cosine" the projection is *uncentered* (top eigenvectors of AᵀA/N),
+                  which keeps dot products and hence cosines; other metrics use centered PCA.
+    seed:         random seed (None = unseeded, not reproducible).
+    engine:       "auto" (cuML when importable and a CUDA device exists, else umap-learn),
+                  "umap-learn" or "cuml" (an error when it is not usable).
+    fit_max:      fit UMAP on a seeded random subset of this many rows and ``transform`` the rest;
+                  the cheap route to 1M rows. None = fit on all rows. Not available for t-SNE.
+    n_epochs:     UMAP epochs / t-SNE iterations (None = library default).
+    perplexity:   t-SNE perplexity (None = min(50, (n - 1) / 3)).
+    min_percentile, max_percentile, relative_margin, symmetric_margin: see ``normalize_layout``.
+    deterministic: umap-learn single-threaded and bit-reproducible (True) or parallel (False).
+    """
+
+    method: str = "umap"
+    n_neighbors: int = 50
+    min_dist: float = 0.05
+    metric: str = "cosine"
+    pca_dims: int | None = None
+    seed: int | None = 0
+    engine: str = "auto"
+    fit_max: int | None = None
+    n_epochs: int | None = None
+    perplexity: float | None = None
+    min_percentile: float = 1.0
+    max_percentile: float = 99.0
+    relative_margin: float = 0.1
+    symmetric_margin: bool = False
+    deterministic: bool = True
+
+    def __post_init__(self):
+        bad = []
+        if self.method not in METHODS:
+            bad.append(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.engine not in ENGINES:
+            bad.append(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.metric not in METRICS:
+            bad.append(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if not _is_int(self.n_neighbors) or self.n_neighbors < 2:
+            bad.append(f"n_neighbors must be an integer >= 2, got {self.n_neighbors!r}")
+        if not isinstance(self.min_dist, (int, float)) or not 0 <= self.min_dist <= 1:
+            bad.append(f"min_dist must be in [0, 1], got {self.min_dist!r}")
+        if self.pca_dims is not None and (not _is_int(self.pca_dims) or self.pca_dims < 2):
+            bad.append(f"pca_dims must be None or an integer >= 2, got {self.pca_dims!r}")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            bad.append(f"seed must be None or an integer >= 0, got {self.seed!r}")
+        if self.fit_max is not None and (not _is_int(self.fit_max) or self.fit_max < MIN_ROWS):
+            bad.append(f"fit_max must be None or an integer >= {MIN_ROWS}, got {self.fit_max!r}")
+        if self.fit_max is not None and self.method == "tsne":
+            bad.append("fit_max is not available with method 'tsne' (t-SNE cannot place new points)")
+        if self.n_epochs is not None and (not _is_int(self.n_epochs) or self.n_epochs < 1):
+            bad.append(f"n_epochs must be None or an integer >= 1, got {self.n_epochs!r}")
+        if self.perplexity is not None and not self.perplexity > 0:
+            bad.append(f"perplexity must be None or > 0, got {self.perplexity!r}")
+        if not 0 <= self.min_percentile < self.max_percentile <= 100:
+            bad.append("need 0 <= min_percentile < max_percentile <= 100, got "
+                       f"{self.min_percentile}, {self.max_percentile}")
+        if not self.relative_margin >= 0:
+            bad.append(f"relative_margin must be >= 0, got {self.relative_margin!r}")
+        if bad:
+            raise UserError("invalid layout config: " + "; ".join(bad))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayoutConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+@dataclass
+class Layout:
+    """Result of ``compute_layout``.
+
+    coords:  [n, 2] float32 in [0, 1]^2 (normalized; dim 0 = x, dim 1 = y; see grid.cell_index)
+    raw:     [n, 2] float32, the embedding before normalization
+    config:  the LayoutConfig asked for
+    seconds: wall time of the embedding (excluding reading the input)
+    method:  method used; engine: "umap-learn" | "cuml" | "sklearn" | "numpy"
+    params:  the parameters actually used (clamped n_neighbors, perplexity, fit rows, ...)
+    """
+
+    coords: np.ndarray
+    raw: np.ndarray
+    config: LayoutConfig
+    seconds: float
+    method: str
+    engine: str
+    params: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.coords)
+
+
+# ----------------------------------------------------------------------------------------------
+# numba / umap set-up
+
+_UMAP_PREPARED = False
+
+
+def ensure_numba_cache_dir() -> str:
+    """Point numba's on-disk cache at a persistent folder unless ``NUMBA_CACHE_DIR`` is already set.
+
+    Default: ``$ACTATLAS_CACHE/numba`` or ``~/.cache/actatlas/numba``. Returns the folder in use.
+    """
+    d = os.environ.get("NUMBA_CACHE_DIR")
+    if not d:
+        base = os.environ.get("ACTATLAS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                               "actatlas")
+        d = os.path.join(base, "numba")
+        os.environ["NUMBA_CACHE_DIR"] = d
+        if "numba" in sys.modules:  # numba read its config at import; make it re-read it
+            try:
+                from numba.core import config as numba_config
+                numba_config.reload_config()
+            except Exception:  # pragma: no cover - numba internals moved
+                log.debug("numba already imported; NUMBA_CACHE_DIR=%s may not take effect", d)
+    with contextlib.suppress(OSError):
+        os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _import_umap():
+    """Import umap-learn with numba's disk cache on (see the module docstring)."""
+    global _UMAP_PREPARED
+    ensure_numba_cache_dir()
+    try:
+        import umap
+    except ImportError as exc:  # pragma: no cover - umap-learn is a dependency
+        raise UserError("method 'umap' needs umap-learn: pip install umap-learn") from exc
+    if not _UMAP_PREPARED:
+        _UMAP_PREPARED = True
+        if os.environ.get("ACTATLAS_UMAP_JIT_CACHE", "1") != "0":
+            n = _enable_jit_cache(("umap", "pynndescent"))
+            log.debug("numba caching enabled on %d umap/pynndescent functions", n)
+    return umap
+
+
+def _enable_jit_cache(prefixes: tuple[str, ...]) -> int:
+    try:
+        from numba.core.registry import CPUDispatcher
+    except Exception:  # pragma: no cover
+        return 0
+    count = 0
+    for name, mod in list(sys.modules.items()):
+        if mod is None or not name.startswith(prefixes):
+            continue
+        for obj in list(vars(mod).values()):
+            if isinstance(obj, CPUDispatcher) and type(obj._cache).__name__ == "NullCache":
+                try:
+                    obj.enable_caching()
+                    count += 1
+                except Exception:  # pragma: no cover - e.g. a function defined in a notebook
+                    pass
+    return count
+
+
+@contextlib.contextmanager
+def _umap_quiet(progress: bool):
+    """umap-learn prints its progress with print(): send it to stderr, and hide numba's notes about
+    functions it cannot cache (they are compiled as before)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Cannot cache compiled function")
+        if progress:
+            with contextlib.redirect_stdout(sys.stderr):
+                yield
+        else:
+            yield
+
+
+def cuml_available() -> bool:
+    """True when cuML imports and a CUDA device is present."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return False
+        import cuml  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage
+
+def compute_layout(acts: np.ndarray, cfg: LayoutConfig | None = None, progress: bool = True,
+                   chunk_rows: int = 65536) -> Layout:
+    """Embed activation vectors in 2-D and normalize to [0, 1]^2 (method.md §1.4-1.5).
+
+    acts: [n, c] (any float dtype; a float16 memmap is read in chunks of ``chunk_rows``).
+    Returns a Layout with coords [n, 2] float32 in [0, 1]^2 and raw [n, 2] float32.
+    """
+    cfg = cfg or LayoutConfig()
+    if getattr(acts, "ndim", 0) != 2:
+        raise UserError(f"activations must be a [n, c] array, got shape {getattr(acts, 'shape', None)}")
+    n, c = acts.shape
+    if n < MIN_ROWS:
+        raise UserError(f"a layout needs at least {MIN_ROWS} activation rows, got {n}")
+    params: dict = {"n": int(n), "c": int(c)}
+    t0 = time.perf_counter()
+    if cfg.method == "pca":
+        raw, engine = _pca_project(acts, 2, center=True, chunk_rows=chunk_rows), "numpy"
+        params["explained"] = "centered PCA, components 1-2"
+    else:
+        x = _features(acts, cfg, params, chunk_rows)
+        if cfg.method == "tsne":
+            raw, engine = _tsne(x, cfg, params, progress), "sklearn"
+        else:
+            raw, engine = _umap(x, cfg, params, progress)
+    seconds = time.perf_counter() - t0
+    raw = np.asarray(raw, dtype=np.float32)
+    if not np.isfinite(raw).all():
+        raise UserError(f"the {cfg.method} embedding produced NaN/inf values; try another seed or "
+                        "method, or pca_dims")
+    coords = normalize_layout(raw, cfg.min_percentile, cfg.max_percentile, cfg.relative_margin,
+                              cfg.symmetric_margin).astype(np.float32)
+    log.info("layout %s (%s) of %d x %d in %.1f s", cfg.method, engine, n, c, seconds)
+    return Layout(coords=coords, raw=raw, config=cfg, seconds=seconds, method=cfg.method,
+                  engine=engine, params=params)
+
+
+def _features(acts, cfg: LayoutConfig, params: dict, chunk_rows: int) -> np.ndarray:
+    """[n, c] input -> [n, d] float32 features for UMAP / t-SNE (optionally PCA-reduced)."""
+    n, c = acts.shape
+    if cfg.pca_dims is not None and cfg.pca_dims < c:
+        center = cfg.metric != "cosine"
+        params["pca_dims"] = int(cfg.pca_dims)
+        params["pca_centered"] = center
+        return _pca_project(acts, cfg.pca_dims, center=center, chunk_rows=chunk_rows)
+    if isinstance(acts, np.ndarray) and acts.dtype == np.float32 and acts.flags.c_contiguous \
+            and not isinstance(acts, np.memmap):
+        return acts
+    out = np.empty((n, c), dtype=np.float32)
+    for a in range(0, n, chunk_rows):
+        out[a:a + chunk_rows] = acts[a:a + chunk_rows]
+    return out
+
+
+def _pca_project(acts, dims: int, center: bool, chunk_rows: int) -> np.ndarray:
+    """Project [n, c] onto its top `dims` principal axes, reading in chunks. Returns [n, dims] float32.
+
+    center=True: eigenvectors of the covariance (mean removed); False: of the second moment AᵀA/N.
+    Each axis's sign is fixed so that its largest-magnitude loading is positive (deterministic).
+    """
+    from .whiten import moment_sums  # local import: whiten imports this module's writer
+
+    n, c = acts.shape
+    total, s, _ = moment_sums(acts, chunk_rows=chunk_rows)
+    mean = s / n
+    m = total / n - (np.outer(mean, mean) if center else 0.0)
+    w, v = np.linalg.eigh(m)
+    v = v[:, ::-1][:, :dims]
+    sign = np.sign(v[np.argmax(np.abs(v), axis=0), np.arange(v.shape[1])])
+    v = (v * np.where(sign == 0, 1.0, sign)).astype(np.float32)
+    shift = mean.astype(np.float32) if center else np.zeros(c, np.float32)
+    out = np.empty((n, v.shape[1]), dtype=np.float32)
+    for a in range(0, n, chunk_rows):
+        out[a:a + chunk_rows] = (np.asarray(acts[a:a + chunk_rows], np.float32) - shift) @ v
+    return out
+
+
+def _n_neighbors(cfg: LayoutConfig, n_fit: int) -> int:
+    k = cfg.n_neighbors
+    if k >= n_fit:
+        warnings.warn(f"n_neighbors={k} >= number of rows fitted ({n_fit}); using {n_fit - 1}",
+                      UserWarning, stacklevel=3)
+        k = n_fit - 1
+    return k
+
+
+def _pick_engine(cfg: LayoutConfig) -> str:
+    if cfg.engine == "umap-learn":
+        return "umap-learn"
+    ok = cuml_available()
+    if cfg.engine == "cuml" and not ok:
+        raise UserError("engine 'cuml' needs cuML installed and a CUDA device; use engine 'auto' or "
+                        "'umap-learn'")
+    return "cuml" if ok else "umap-learn"
+
+
+def _umap(x: np.ndarray, cfg: LayoutConfig, params: dict, progress: bool) -> tuple[np.ndarray, str]:
+    n = len(x)
+    engine = _pick_engine(cfg)
+    fit_rows = None
+    if cfg.fit_max is not None and cfg.fit_max < n:
+        rng = np.random.default_rng(cfg.seed)
+        fit_rows = np.sort(rng.choice(n, size=cfg.fit_max, replace=False))
+    n_fit = n if fit_rows is None else len(fit_rows)
+    k = _n_neighbors(cfg, n_fit)
+    params.update(n_neighbors=k, min_dist=cfg.min_dist, metric=cfg.metric, n_fit=int(n_fit),
+                  n_epochs=cfg.n_epochs, seed=cfg.seed, deterministic=cfg.deterministic)
+    kw = dict(n_components=2, n_neighbors=k, min_dist=cfg.min_dist, metric=cfg.metric,
+              n_epochs=cfg.n_epochs)
+    if engine == "cuml":
+        from cuml.manifold import UMAP as CuUMAP  # pragma: no cover - needs a GPU
+        model = CuUMAP(random_state=cfg.seed, verbose=progress, **kw)
+    else:
+        umap = _import_umap()
+        seeded = cfg.seed is not None and cfg.deterministic
+        model = umap.UMAP(random_state=cfg.seed if seeded else None, n_jobs=1 if seeded else -1,
+                          transform_seed=cfg.seed if cfg.seed is not None else 42,
+                          verbose=progress, low_memory=True, **kw)
+    with _umap_quiet(progress):
+        if fit_rows is None:
+            raw = np.asarray(model.fit_transform(x), dtype=np.float32)
+        else:
+            raw = np.empty((n, 2), dtype=np.float32)
+            raw[fit_rows] = np.asarray(model.fit_transform(x[fit_rows]), dtype=np.float32)
+            rest = np.setdiff1d(np.arange(n), fit_rows, assume_unique=True)
+            step = 100_000
+            for a in range(0, len(rest), step):
+                idx = rest[a:a + step]
+                raw[idx] = np.asarray(model.transform(x[idx]), dtype=np.float32)
+    return raw, engine
+
+
+def _tsne(x: np.ndarray, cfg: LayoutConfig, params: dict, progress: bool) -> np.ndarray:
+    from sklearn.manifold import TSNE
+
+    n = len(x)
+    perplexity = cfg.perplexity if cfg.perplexity is not None else min(50.0, (n - 1) / 3)
+    if perplexity >= n:
+        raise UserError(f"t-SNE perplexity {perplexity} must be below the number of rows ({n})")
+    kw = dict(n_components=2, metric=cfg.metric, perplexity=perplexity, init="pca",
+              learning_rate="auto", random_state=cfg.seed, verbose=1 if progress else 0)
+    if cfg.n_epochs is not None:
+        kw["max_iter"] = max(250, cfg.n_epochs)
+    params.update(perplexity=float(perplexity), metric=cfg.metric, seed=cfg.seed,
+                  n_iter=kw.get("max_iter"))
+    with contextlib.redirect_stdout(sys.stderr) if progress else contextlib.nullcontext():
+        return np.asarray(TSNE(**kw).fit_transform(x), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# artifacts: <dir>/<layer>.npy (coords), <layer>.raw.npy, <layer>.json
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary path beside `path`, then rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    def _w(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(array))
+            f.flush()
+            os.fsync(f.fileno())
+    write_atomic(path, _w)
+
+
+def _layout_paths(directory: Path, layer: str) -> tuple[Path, Path, Path]:
+    stem = layer_dirname(layer)
+    d = Path(directory)
+    return d / f"{stem}.npy", d / f"{stem}.raw.npy", d / f"{stem}.json"
+
+
+def save_layout(layout: Layout, directory: str | Path, layer: str) -> Path:
+    """Write ``<dir>/<layer>.npy`` (coords [n,2] float32), ``<layer>.raw.npy`` and ``<layer>.json``
+    (method, engine, params, config, seed, seconds, n), each atomically; the JSON is written last.
+    Returns the coords path."""
+    coords_p, raw_p, meta_p = _layout_paths(directory, layer)
+    coords_p.parent.mkdir(parents=True, exist_ok=True)
+    save_npy_atomic(coords_p, layout.coords.astype(np.float32, copy=False))
+    save_npy_atomic(raw_p, layout.raw.astype(np.float32, copy=False))
+    write_json_atomic(meta_p, {
+        "layer": layer, "n": layout.n, "method": layout.method, "engine": layout.engine,
+        "seed": layout.config.seed, "seconds": round(float(layout.seconds), 4),
+        "params": layout.params, "config": asdict(layout.config),
+    })
+    return coords_p
+
+
+def load_layout(directory: str | Path, layer: str) -> Layout:
+    """Read what ``save_layout`` wrote. UserError when it is missing or inconsistent."""
+    coords_p, raw_p, meta_p = _layout_paths(directory, layer)
+    if not meta_p.is_file() or not coords_p.is_file():
+        raise UserError(f"no layout for layer {layer!r} in {directory}")
+    meta = json.loads(meta_p.read_text())
+    coords = np.load(coords_p)
+    raw = np.load(raw_p) if raw_p.is_file() else coords.copy()
+    if coords.shape != (meta["n"], 2) or raw.shape != coords.shape:
+        raise UserError(f"layout files for {layer!r} in {directory} are inconsistent")
+    cfg = LayoutConfig.from_dict(meta.get("config", {}))
+    return Layout(coords=coords, raw=raw, config=cfg, seconds=float(meta.get("seconds", 0.0)),
+                  method=meta["method"], engine=meta.get("engine", ""), params=meta.get("params", {}))
+
