@@ -19,9 +19,11 @@ $(VENV)/.installed: pyproject.toml requirements.txt requirements-test.txt
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/actatlas collect --model efficientnet_lite0 --images sample:256 --out $(RUN) --batch-size 32
+	$(VENV)/bin/actatlas build --model efficientnet_lite0 --images sample:1000 --per-image 2 \
+		--levels 10,20 --out $(RUN) --threads 2
 	@echo
-	@echo "Collected activations are in $(RUN)/collect (open them with actatlas.open_run('$(RUN)'))."
+	@echo "The atlas is in $(RUN)/atlas/blocks.8/: level-10.png and level-20.png (canvases),"
+	@echo "level-*.json (cells: counts, top classes, fidelity) and $(RUN)/summary.json."
 
 test: install
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc

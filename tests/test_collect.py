@@ -107,7 +107,7 @@ def test_jvp_attribution_equals_per_class_autograd(lite0, two_images):
                 for row in range(4):
                     b = row // 2
                     yy, xx = int(res.y[row]), int(res.x[row])
-                    ref = float((g[b, :, yy, xx] * h[b, :, yy, xx]).sum())
+                    ref = float((g[b, :, yy, xx] * h[b, :, yy, xx]).sum().detach())
                     got_v = float(res.attributions[row, c])
                     assert abs(got_v - ref) <= 2e-3 * max(1.0, abs(ref)), (c, row, got_v, ref)
     finally:
