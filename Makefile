@@ -31,8 +31,12 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
 
+# Benchmarks for BENCHMARKS.md (about 15-25 minutes on a 2-core CPU; results also in bench-out/).
 bench: install
 	$(PY) scripts/bench.py
+	$(PY) scripts/bench_grid.py --json bench-out/grid.json grid
+	$(PY) scripts/bench_grid.py --json bench-out/layout.json layout --sizes 10000
+	$(PY) scripts/bench_render.py
 
 clean:
 	rm -rf $(VENV) runs .cache .pytest_cache
