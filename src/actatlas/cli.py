@@ -111,6 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_grid_args(p)
     _add_render_args(p, device=False, seed=False)
     _add_common(p)
+
+    p = sub.add_parser("export", help="export the atlas of a run as a static site (the viewer)")
+    p.add_argument("run", help="run directory (after 'actatlas build')")
+    p.add_argument("--out", "-o", required=True, help="site folder to write")
+    p.add_argument("--single-file", action="store_true", help="one self-contained index.html (opens from file://)")
+    p.add_argument("--layer", "-l", action="append", help="layer to export (repeatable; default: all)")
+    p.add_argument("--patches", type=int, default=8, help="real image patches per cell (default: %(default)s)")
+    p.add_argument("--patch-size", type=int, default=64, help="patch side in pixels (default: %(default)s)")
+    _add_common(p)
+
+    p = sub.add_parser("serve", help="serve an exported site (or a run, exported to RUN/site first) locally")
+    p.add_argument("path", help="a site folder (with index.html) or a run directory")
+    p.add_argument("--port", "-p", type=int, default=8000, help="default: %(default)s")
+    p.add_argument("--host", default=None,
+                   help="address to bind (default 127.0.0.1; giving one explicitly allows non-local hosts)")
+    p.add_argument("--max-requests", type=int, default=None, help=argparse.SUPPRESS)
+    _add_common(p)
     return parser
 
 
@@ -334,8 +351,37 @@ def cmd_build(args) -> None:
     _emit(args, s, "\n".join(lines))
 
 
+def cmd_export(args) -> None:
+    from .export import export_site
+
+    index = export_site(args.run, args.out, single_file=args.single_file, layers=args.layer,
+                        patches_per_cell=args.patches, patch_size=args.patch_size)
+    _emit(args, {"index": str(index), "single_file": bool(args.single_file)},
+          f"wrote {index}" + ("" if args.single_file else f" (serve with: actatlas serve {args.out})"))
+
+
+def cmd_serve(args) -> None:
+    from pathlib import Path
+
+    from .export import export_site, serve
+
+    root = Path(args.path)
+    if not (root / "index.html").is_file():
+        if not (root / "manifest.json").is_file() or not (root / "atlas").is_dir():
+            raise UserError(f"{root} is neither a site (no index.html) nor a built run (no manifest.json + atlas/)")
+        site = root / "site"
+        stamps = [p.stat().st_mtime for p in (root / "atlas").glob("*/atlas.json")]
+        if not (site / "index.html").is_file() or (stamps and max(stamps) > (site / "index.html").stat().st_mtime):
+            print(f"exporting {root} to {site} ...", flush=True)
+            export_site(root, site)
+        root = site
+    serve(root, host=args.host or "127.0.0.1", port=args.port, max_requests=args.max_requests,
+          allow_remote=args.host is not None, quiet=args.quiet)
+
+
 COMMANDS = {"models": cmd_models, "layers": cmd_layers, "collect": cmd_collect, "eval": cmd_eval,
-            "layout": cmd_layout, "grid": cmd_grid, "render": cmd_render, "build": cmd_build}
+            "layout": cmd_layout, "grid": cmd_grid, "render": cmd_render, "build": cmd_build,
+            "export": cmd_export, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
