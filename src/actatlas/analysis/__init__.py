@@ -1,0 +1,17 @@
+"""What atlases are for (method.md §3.2, §3.3, §4): class atlases, two-class comparisons, patch attacks.
+
+Pure functions over arrays plus small dataclasses; the CLI wiring lives in ``actatlas.cli``.
+"""
+
+from .classes import ClassAtlas, class_atlas, class_filter
+from .compare import (Candidate, Comparison, candidate_cells, cell_sides, compare, comparison_axis,
+                      embed_1d)
+from .patches import (CORNERS, PatchAttackResult, composite, evaluate_patch, noise_patch, patch_attack,
+                      save_report, success_chart)
+
+__all__ = [
+    "ClassAtlas", "class_atlas", "class_filter",
+    "Candidate", "Comparison", "candidate_cells", "cell_sides", "compare", "comparison_axis", "embed_1d",
+    "CORNERS", "PatchAttackResult", "composite", "evaluate_patch", "noise_patch", "patch_attack",
+    "save_report", "success_chart",
+]
