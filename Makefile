@@ -21,9 +21,11 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/actatlas build --model efficientnet_lite0 --images sample:1000 --per-image 2 \
 		--levels 10,20 --out $(RUN) --threads 2
+	$(VENV)/bin/actatlas export $(RUN) --out $(RUN)/site --single-file -q
 	@echo
 	@echo "The atlas is in $(RUN)/atlas/blocks.8/: level-10.png and level-20.png (canvases),"
 	@echo "level-*.json (cells: counts, top classes, fidelity) and $(RUN)/summary.json."
+	@echo "Explore it in a browser: open $(RUN)/site/index.html, or run .venv/bin/actatlas serve $(RUN)"
 
 test: install
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
@@ -37,6 +39,7 @@ bench: install
 	$(PY) scripts/bench_grid.py --json bench-out/grid.json grid
 	$(PY) scripts/bench_grid.py --json bench-out/layout.json layout --sizes 10000
 	$(PY) scripts/bench_render.py
+	$(PY) scripts/bench_viewer.py
 
 clean:
 	rm -rf $(VENV) runs .cache .pytest_cache

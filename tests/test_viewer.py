@@ -30,8 +30,13 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     sync_playwright = None
 
+HAVE_BROWSER = sync_playwright is not None and Path(CHROMIUM).is_file()
+if not HAVE_BROWSER and os.environ.get("ACTATLAS_REQUIRE_BROWSER"):
+    raise RuntimeError("ACTATLAS_REQUIRE_BROWSER is set (CI) but playwright or /usr/bin/chromium is missing; "
+                       "install requirements-test.txt and 'apt-get install -y chromium'")
+
 needs_browser = pytest.mark.skipif(
-    sync_playwright is None or not Path(CHROMIUM).is_file(),
+    not HAVE_BROWSER,
     reason="browser tests need playwright (pip install playwright) and Debian's chromium at /usr/bin/chromium "
            "(apt-get install -y chromium); 'playwright install' is not used")
 
@@ -73,7 +78,7 @@ def served(site):
 
 @pytest.fixture(scope="module")
 def browser():
-    if sync_playwright is None or not Path(CHROMIUM).is_file():
+    if not HAVE_BROWSER:
         pytest.skip("no playwright/chromium")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
@@ -395,3 +400,25 @@ def test_cli_serve_exports_a_run_first(run_dir, capsys):
 def _artifact(name: str) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS / name
+
+
+def test_atlas_repr_html_is_the_viewer(run_dir):
+    """Jupyter shows an atlas loaded from a run as the interactive viewer; without a run, as a PNG."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from actatlas import Atlas, open_atlas
+
+    atlas = open_atlas(run_dir)
+    assert atlas.run_dir == run_dir
+    assert atlas._repr_html_() == notebook_html(run_dir, atlas.layer)
+    bare = Atlas(atlas.layer, atlas.levels, atlas.class_names)
+    h = bare._repr_html_()
+    b64 = h.split("base64,", 1)[1].split('"', 1)[0]
+    img = Image.open(io.BytesIO(base64.b64decode(b64)))
+    lv = atlas.levels[0]
+    assert img.size == (lv.size * lv.icon_size, lv.size * lv.icon_size)
+    with pytest.raises(UserError):
+        open_atlas(run_dir.parent / "no-such-run")

@@ -23,9 +23,10 @@ from .hooks import capture, list_layers  # noqa: E402
 from .collect import CollectConfig, CollectResult, collect  # noqa: E402
 from .run import Run, Rows, open_run  # noqa: E402
 from .evaluate import EvalResult, evaluate  # noqa: E402
+from .atlas import Atlas, open_atlas  # noqa: E402
 
 __all__ = [
     "__version__", "UserError", "ModelSpec", "Preprocess", "list_models", "load_model", "ImageSource", "images",
     "capture", "list_layers", "CollectConfig", "CollectResult", "collect", "Run", "Rows", "open_run",
-    "EvalResult", "evaluate",
+    "EvalResult", "evaluate", "Atlas", "open_atlas",
 ]

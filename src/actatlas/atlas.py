@@ -8,6 +8,9 @@ stay white.
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +62,23 @@ class Atlas:
     levels: list[AtlasLevel]
     class_names: list[str]
     summary: dict = field(default_factory=dict)
+    run_dir: Path | None = None  # the run it came from: lets notebooks show the full viewer
+
+    def _repr_html_(self) -> str:
+        """Jupyter display: the interactive viewer (single-file, inlined) when the run is known,
+        else the coarsest canvas as an inline PNG."""
+        if self.run_dir is not None and (Path(self.run_dir) / "manifest.json").is_file():
+            from .export import notebook_html
+
+            return notebook_html(self.run_dir, self.layer)
+        if not self.levels:
+            return f"<p>activation atlas of {html.escape(self.layer)}: no levels</p>"
+        buf = io.BytesIO()
+        Image.fromarray(self.levels[0].canvas()).save(buf, format="PNG")
+        b64 = base64.b64encode(buf.getvalue()).decode("ascii")
+        return (f'<figure><img src="data:image/png;base64,{b64}" style="max-width:100%" '
+                f'alt="activation atlas"><figcaption>{html.escape(self.layer)}, level '
+                f'{self.levels[0].size}</figcaption></figure>')
 
     def level(self, size: int) -> AtlasLevel:
         for lv in self.levels:
@@ -113,8 +133,20 @@ class Atlas:
         for g in meta["levels"]:
             z = np.load(d / f"level-{g}.npz")
             levels.append(AtlasLevel(size=g, **{k: z[k] for k in z.files}))
-        return cls(meta["layer"], levels, meta["class_names"], meta.get("summary", {}))
+        run_dir = d.parent.parent if (d.parent.parent / "manifest.json").is_file() else None
+        return cls(meta["layer"], levels, meta["class_names"], meta.get("summary", {}), run_dir=run_dir)
 
 
 def atlas_dir(run_dir: str | Path, layer: str) -> Path:
     return Path(run_dir) / "atlas" / layer_dirname(layer)
+
+
+def open_atlas(run_dir: str | Path, layer: str | None = None) -> Atlas:
+    """Load the assembled atlas of `layer` (default: the only / first layer built) from a run."""
+    root = Path(run_dir) / "atlas"
+    if layer is None:
+        built = sorted(p for p in root.glob("*") if (p / "atlas.json").is_file()) if root.is_dir() else []
+        if not built:
+            raise UserError(f"{run_dir} holds no assembled atlas; run 'actatlas build' first")
+        return Atlas.load(built[0])
+    return Atlas.load(atlas_dir(run_dir, layer))

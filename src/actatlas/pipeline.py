@@ -269,7 +269,7 @@ def run_assemble(run_dir: str | Path, layer: str, icons: dict, S: np.ndarray | N
         levels.append(AtlasLevel(size=g.size, i=g.i, j=g.j, count=g.count, top_classes=g.top_classes,
                                  top_values=g.top_values, icons=ic["images"], fidelity=ic["fidelity"],
                                  member_fidelity=best_member_fidelity(g, acts, S)))
-    atlas = Atlas(layer, levels, run.class_names)
+    atlas = Atlas(layer, levels, run.class_names, run_dir=run_dir)
     pngs = atlas.save(atlas_dir(run_dir, layer))
     return atlas, pngs
 
