@@ -558,3 +558,61 @@ def test_timm_adapter(tmp_path):
     spec = timm_model("resnet18", weights=str(path))
     assert spec.num_classes == 1000 and spec.default_layer == "layer3"
     assert spec.preprocess.size == 224
+
+
+# ---------------------------------------------------------------- smooth max-pool gradient (method.md §7 A4)
+
+def _smooth_reference(x, k, s):
+    """avg_pool(x^2) / (1e-2 + avg_pool(|x|)) with TF SAME padding, padded cells excluded from the mean,
+    written out independently of MaxPool2dSame.avg."""
+    h, w = x.shape[-2:]
+    oh, ow = math.ceil(h / s), math.ceil(w / s)
+    ph = max((oh - 1) * s + k - h, 0)
+    pw = max((ow - 1) * s + k - w, 0)
+    top, left = ph // 2, pw // 2
+    rows = []
+    for i in range(oh):
+        cols = []
+        for j in range(ow):
+            y0, x0 = i * s - top, j * s - left
+            win = x[..., max(y0, 0):min(y0 + k, h), max(x0, 0):min(x0 + k, w)]
+            cols.append((win ** 2).mean((-2, -1)) / (1e-2 + win.abs().mean((-2, -1))))
+        rows.append(torch.stack(cols, -1))
+    return torch.stack(rows, -2)
+
+
+@pytest.mark.parametrize("size,k,s", [(7, 3, 2), (8, 3, 2), (6, 3, 1), (9, 2, 2)])
+def test_smooth_maxpool_gradient_is_the_relaxations(size, k, s):
+    torch.manual_seed(size * 10 + k)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    pool = MaxPool2dSame(k, s)
+    g = torch.randn(pool(x).shape, dtype=torch.float64)
+    pool.smooth_grad = True
+    xa = x.clone().requires_grad_(True)
+    y = pool(xa)
+    assert torch.equal(y.detach(), MaxPool2dSame(k, s)(x))            # forward unchanged
+    (ga,) = torch.autograd.grad(y, xa, g)
+    xr = x.clone().requires_grad_(True)
+    (gr,) = torch.autograd.grad(_smooth_reference(xr, k, s), xr, g)
+    torch.testing.assert_close(ga, gr, rtol=1e-10, atol=1e-12)
+    # forward mode (what collection uses) gives the same directional derivative
+    v = torch.randn_like(x)
+    with fwAD.dual_level():
+        out = pool(fwAD.make_dual(x, v))
+        tangent = fwAD.unpack_dual(out).tangent
+    _, ref_t = torch.func.jvp(lambda t: _smooth_reference(t, k, s), (x,), (v,))
+    torch.testing.assert_close(tangent, ref_t, rtol=1e-10, atol=1e-12)
+    # and it differs from the hard max-pool's gradient (the override is really applied)
+    pool.smooth_grad = False
+    xh = x.clone().requires_grad_(True)
+    (gh,) = torch.autograd.grad(pool(xh), xh, g)
+    assert not torch.allclose(gh, ga)
+
+
+def test_smooth_maxpool_context_restores_and_counts():
+    from actatlas.models.layers import smooth_maxpool_gradients
+
+    net = nn.Sequential(MaxPool2dSame(3, 2), nn.ReLU(), MaxPool2dSame(3, 1))
+    with smooth_maxpool_gradients(net) as n:
+        assert n == 2 and all(m.smooth_grad for m in net if isinstance(m, MaxPool2dSame))
+    assert not any(m.smooth_grad for m in net if isinstance(m, MaxPool2dSame))

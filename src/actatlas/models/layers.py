@@ -18,6 +18,7 @@ happens to be symmetric (stride 1, odd kernel) the op's own padding is used inst
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -72,10 +73,49 @@ class Conv2dSame(nn.Conv2d):
         return super().extra_repr() + ", padding=SAME"
 
 
+SMOOTH_MAXPOOL_EPS = 1e-2
+
+
+class _SmoothGradMaxPool(torch.autograd.Function):
+    """Max-pool forward; backward and forward-mode derivatives are those of the smooth relaxation
+    ``avg_pool(x**2) / (eps + avg_pool(|x|))`` (method.md §1.3, Lucid's smoothed_maxpool_grad "L2")."""
+
+    @staticmethod
+    def forward(x, pool):
+        return pool.hard(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, pool = inputs
+        ctx.pool = pool
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            xd = x.detach().requires_grad_(True)
+            (gx,) = torch.autograd.grad(ctx.pool.smooth(xd), xd, grad)
+        return gx, None
+
+    @staticmethod
+    def jvp(ctx, dx, _):
+        (x,) = ctx.saved_tensors
+        pool = ctx.pool
+        den = SMOOTH_MAXPOOL_EPS + pool.avg(x.abs())
+        return pool.avg(2 * x * dx) / den - pool.avg(x * x) * pool.avg(torch.sign(x) * dx) / den ** 2
+
+
 class MaxPool2dSame(nn.Module):
     """Max-pooling with TensorFlow "SAME" padding (padded cells are -inf, so they never win).
 
     Input [b, c, h, w] -> output [b, c, ceil(h / s), ceil(w / s)].
+
+    ``smooth_grad = True`` keeps the forward but replaces its derivatives (backward and forward-mode)
+    by those of ``avg_pool(x**2) / (1e-2 + avg_pool(|x|))`` with the same kernel, stride and SAME
+    padding: the article's "continuous relaxation of the gradient for max pooling" for attributions
+    (method.md §1.3). See `smooth_maxpool_gradients`.
     """
 
     def __init__(self, kernel_size, stride=None, dilation=1):
@@ -83,8 +123,29 @@ class MaxPool2dSame(nn.Module):
         self.kernel_size = _pair(kernel_size)
         self.stride = _pair(stride if stride is not None else kernel_size)
         self.dilation = _pair(dilation)
+        self.smooth_grad = False
+
+    def avg(self, x: torch.Tensor) -> torch.Tensor:
+        """TF "SAME" average pooling: padded cells are excluded from each window's count."""
+        if self.dilation != (1, 1):
+            raise NotImplementedError("smooth max-pool gradients need dilation 1")
+        top, bottom, left, right = _pads_2d(x, self.kernel_size, self.stride, self.dilation)
+        pad = (left, right, top, bottom)
+        total = F.avg_pool2d(F.pad(x, pad), self.kernel_size, self.stride, 0, divisor_override=1)
+        ones = torch.ones((1, 1) + tuple(x.shape[-2:]), dtype=x.dtype, device=x.device)
+        count = F.avg_pool2d(F.pad(ones, pad), self.kernel_size, self.stride, 0, divisor_override=1)
+        return total / count
+
+    def smooth(self, x: torch.Tensor) -> torch.Tensor:
+        """The relaxation whose derivatives replace max-pool's: avg(x^2) / (eps + avg(|x|))."""
+        return self.avg(x * x) / (SMOOTH_MAXPOOL_EPS + self.avg(x.abs()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth_grad and (x.requires_grad or _has_tangent(x)):
+            return _SmoothGradMaxPool.apply(x, self)
+        return self.hard(x)
+
+    def hard(self, x: torch.Tensor) -> torch.Tensor:
         top, bottom, left, right = _pads_2d(x, self.kernel_size, self.stride, self.dilation)
         if (top == bottom and left == right and top <= self.kernel_size[0] // 2
                 and left <= self.kernel_size[1] // 2):
@@ -94,7 +155,35 @@ class MaxPool2dSame(nn.Module):
         return F.max_pool2d(x, self.kernel_size, self.stride, 0, self.dilation)
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding=SAME"
+        extra = ", smooth_grad=True" if self.smooth_grad else ""
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding=SAME{extra}"
+
+
+def _has_tangent(x: torch.Tensor) -> bool:
+    import torch.autograd.forward_ad as fwAD
+
+    try:
+        return fwAD.unpack_dual(x).tangent is not None
+    except RuntimeError:  # no forward-AD level active
+        return False
+
+
+@contextlib.contextmanager
+def smooth_maxpool_gradients(module: nn.Module, enabled: bool = True):
+    """Within the block, every `MaxPool2dSame` in `module` uses the smooth gradient relaxation.
+
+    Forward values are unchanged; attributions (gradients and JVPs) change only through max-pools.
+    Plain ``nn.MaxPool2d`` modules are not affected (they have no SAME padding to mirror).
+    """
+    pools = [m for m in module.modules() if isinstance(m, MaxPool2dSame)]
+    before = [p.smooth_grad for p in pools]
+    for p in pools:
+        p.smooth_grad = enabled
+    try:
+        yield len(pools)
+    finally:
+        for p, b in zip(pools, before):
+            p.smooth_grad = b
 
 
 @torch.no_grad()
