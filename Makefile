@@ -7,7 +7,7 @@ RUN    ?= runs/demo
 # numba (umap-learn) compiles on first use; keep its cache on disk between runs.
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-scale clean
 
 $(VENV)/.installed: pyproject.toml requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ bench: install
 	$(PY) scripts/bench_grid.py --json bench-out/layout.json layout --sizes 10000
 	$(PY) scripts/bench_render.py
 	$(PY) scripts/bench_viewer.py
+
+# The 1M-row stages (whiten, grid, PCA, UMAP sizes + extrapolation) on a synthetic 1M x 512 float16
+# store, each in a fresh process with its time and peak memory (~15-20 min on 2 cores; BENCHMARKS.md).
+bench-scale: install
+	$(PY) scripts/bench_scale.py --layout-sizes 30000,100000 --fit 30000 --transform 300000 --json bench-out/scale.json
 
 clean:
 	rm -rf $(VENV) runs .cache .pytest_cache

@@ -37,6 +37,30 @@ def _decode(source: ImageSource, preprocess: Preprocess, i: int):
         return i, None, str(exc)
 
 
+def decode_batch(source: ImageSource, preprocess: Preprocess, key: object, idx: Sequence[int],
+                 pool: ThreadPoolExecutor | None = None) -> DecodedBatch:
+    """Decode the images `idx` of `source` into one `DecodedBatch` (on `pool`'s threads if given).
+
+    The same function the local engine's `iter_batches` uses, for engines that decode elsewhere
+    (e.g. a Ray decode actor)."""
+    if pool is None:
+        results = [_decode(source, preprocess, int(i)) for i in idx]
+    else:
+        results = list(pool.map(lambda i: _decode(source, preprocess, int(i)), idx))
+    return _assemble(key, idx, results)
+
+
+def _assemble(key, idx, results) -> DecodedBatch:
+    good = [(i, a) for i, a, err in results if err is None]
+    return DecodedBatch(
+        key=key,
+        index=np.array([i for i, _ in good], dtype=np.int64),
+        pixels=torch.from_numpy(np.stack([a for _, a in good])) if good else None,
+        skipped=[(i, err) for i, _, err in results if err is not None],
+        requested=len(idx),
+    )
+
+
 def iter_batches(source: ImageSource, preprocess: Preprocess, plan: Sequence[tuple[object, Sequence[int]]],
                  threads: int = 2, ahead: int = 2) -> Iterator[DecodedBatch]:
     """Yield a `DecodedBatch` for each (key, image indices) of `plan`, decoding `ahead` batches early."""
@@ -52,12 +76,4 @@ def iter_batches(source: ImageSource, preprocess: Preprocess, plan: Sequence[tup
             futures = queue.popleft()
             if j + ahead < len(plan):
                 submit(j + ahead)
-            results = [f.result() for f in futures]
-            good = [(i, a) for i, a, err in results if err is None]
-            yield DecodedBatch(
-                key=key,
-                index=np.array([i for i, _ in good], dtype=np.int64),
-                pixels=torch.from_numpy(np.stack([a for _, a in good])) if good else None,
-                skipped=[(i, err) for i, _, err in results if err is not None],
-                requested=len(idx),
-            )
+            yield _assemble(key, idx, [f.result() for f in futures])

@@ -15,6 +15,7 @@ loop over 1000 classes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .batches import iter_batches
 from .data import ImageSource
+from .devices import resolve_device
 from .errors import UserError
 from .hooks import capture
 from .models.spec import ModelSpec
@@ -43,6 +45,8 @@ from .store import (LayerBatch, RunLock, ShardWriter, committed_shards, consolid
 log = logging.getLogger(__name__)
 
 POSITIONS = ("random", "center", "all")
+AMP_MIN_COSINE = 0.98   # per-row cosine of --amp activations to float32 (the documented tolerance)
+ENGINES = ("local", "ray")
 ATTRIBUTIONS = ("full", "topk", "none")
 
 
@@ -58,6 +62,16 @@ class CollectConfig:
     limit: use only the first N images of the source (sorted path order).
     shard_size: images per committed shard (the unit of resume).
     activation_dtype: "float32" or "float16" on disk.
+    amp: run the collection forward under autocast (float16 on CUDA, bfloat16 elsewhere); only with
+        attributions "none". Tolerance (docs/scale.md): each activation row within cosine
+        `AMP_MIN_COSINE` of float32 (bfloat16 on CPU measured >= 0.988 on EfficientNet-Lite0
+        blocks.8, top-1 unchanged). Attributions through a half-precision JVP were far off (cosine
+        down to 0.67), so they always run in float32. Part of the config hash.
+    engine: "local" (this process; the default) or "ray" (Ray Data: decode actors streaming into
+        model actors, one per GPU when the cluster has GPUs). Both run `process_batch` and give
+        the same rows.
+    address: Ray cluster address for engine "ray" (None: start or reuse a local Ray).
+    ray_actors: model actors for engine "ray" (None: one per GPU, else as many CPU actors as fit).
     """
 
     layers: tuple[str, ...] | None = None
@@ -74,6 +88,10 @@ class CollectConfig:
     threads: int | None = None
     loader_threads: int = 2
     activation_dtype: str = "float32"
+    amp: bool = False
+    engine: str = "local"
+    address: str | None = None
+    ray_actors: int | None = None
 
     def validate(self) -> None:
         if self.positions not in POSITIONS:
@@ -89,6 +107,14 @@ class CollectConfig:
             raise UserError("--limit must be >= 1")
         if self.activation_dtype not in ("float32", "float16"):
             raise UserError("activation dtype must be float32 or float16")
+        if self.engine not in ENGINES:
+            raise UserError(f"--engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if self.amp and self.attributions != "none":
+            raise UserError("--amp applies to the plain forward only: use it with --attributions none "
+                            "(attributions through a half-precision forward-mode pass were too inexact; "
+                            "see docs/scale.md)")
+        if self.ray_actors is not None and self.ray_actors < 1:
+            raise UserError("ray actors must be >= 1")
 
     # Fields that change the stored rows; the others (batch size, device, threads) do not.
     RESULT_FIELDS = ("layers", "positions", "per_image", "border", "attributions", "topk", "seed", "limit",
@@ -162,6 +188,14 @@ def layer_shapes(spec: ModelSpec, module_names: Sequence[str], device) -> dict[s
 # the batch function (shared by every engine)
 
 
+def amp_context(device: torch.device, enabled: bool):
+    """Autocast for the collection forward: float16 on CUDA, bfloat16 elsewhere; a no-op when off."""
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def process_batch(spec: ModelSpec, layers: dict[str, str], shapes: dict[str, tuple[int, ...]],
                   batch: torch.Tensor, image_index: np.ndarray, cfg: CollectConfig) -> dict[str, LayerBatch]:
     """Activations, attributions and predictions for one batch.
@@ -218,9 +252,9 @@ def process_batch(spec: ModelSpec, layers: dict[str, str], shapes: dict[str, tup
 
         with capture(spec.module, mods, transform=transform):
             if target is None:
-                with torch.inference_mode():
+                with torch.inference_mode(), amp_context(device, cfg.amp):
                     return spec.module(x).float(), None
-            with torch.no_grad(), fwAD.dual_level():
+            with torch.no_grad(), fwAD.dual_level():  # float32 always (amp excludes attributions)
                 y = spec.module(x)
                 unpacked = fwAD.unpack_dual(y)
                 tan = unpacked.tangent
@@ -270,7 +304,46 @@ def process_batch(spec: ModelSpec, layers: dict[str, str], shapes: dict[str, tup
 
 
 # ----------------------------------------------------------------------------------------------
-# the local engine
+# engines: each turns the plan into BatchOutputs, in plan order, through `process_batch`
+
+
+@dataclass
+class BatchOutput:
+    """What an engine hands the driver for planned batch number `bi` (of shard `shard`):
+    `requested` images, those that failed to decode (`skipped`: (index, reason)) and the rows of the
+    others per layer label (None when none decoded)."""
+
+    bi: int
+    shard: int
+    requested: int
+    skipped: list[tuple[int, str]]
+    layers: dict[str, LayerBatch] | None
+
+
+def local_batches(spec: ModelSpec, layers: dict[str, str], shapes: dict[str, tuple[int, ...]],
+                  source: ImageSource, plan: list[tuple[int, range]], cfg: CollectConfig):
+    """The local engine: decode on `cfg.loader_threads` threads a few batches ahead, run the model
+    here. Yields one BatchOutput per entry of `plan`, in order."""
+    for bi, batch in enumerate(iter_batches(source, spec.preprocess, plan, threads=cfg.loader_threads)):
+        res = (process_batch(spec, layers, shapes, batch.pixels, batch.index, cfg)
+               if batch.pixels is not None else None)
+        yield BatchOutput(bi, int(batch.key), batch.requested, batch.skipped, res)
+
+
+def make_plan(todo: Sequence[int], n_images: int, cfg: CollectConfig) -> list[tuple[int, range]]:
+    """[(shard, image indices)] batches of `cfg.batch_size`, never crossing a shard boundary."""
+    return [(s, range(a, min(a + cfg.batch_size, (s + 1) * cfg.shard_size, n_images)))
+            for s in todo
+            for a in range(s * cfg.shard_size, min((s + 1) * cfg.shard_size, n_images), cfg.batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------
+# the driver (writes the store for every engine)
+
+
+def _model_device(spec: ModelSpec) -> torch.device:
+    p = next(iter(spec.module.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def resolve_layers(spec: ModelSpec, layers: Sequence[str] | None) -> dict[str, str]:
@@ -304,6 +377,13 @@ def collect(spec: ModelSpec, source: ImageSource, out: str | Path, cfg: CollectC
             options["layers"] = (options["layers"],)
         cfg = dataclasses.replace(cfg, **options)
     cfg.validate()
+    if cfg.engine == "ray":
+        from .ray_engine import require_ray
+
+        require_ray()
+        resolve_device("cpu" if str(cfg.device).startswith("cuda") else cfg.device)  # GPUs are the workers'
+    else:
+        resolve_device(cfg.device)
     t0 = time.perf_counter()
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -323,6 +403,8 @@ def collect(spec: ModelSpec, source: ImageSource, out: str | Path, cfg: CollectC
         **{k: getattr(cfg, k) for k in CollectConfig.RESULT_FIELDS},
     }
     record["layers"] = list(record["layers"])
+    if cfg.amp:  # only then, so runs without it keep their hash
+        record["amp"] = True
     chash = config_hash(record)
     store_dir = out / "collect"
     store_dir.mkdir(parents=True, exist_ok=True)
@@ -346,7 +428,8 @@ def collect(spec: ModelSpec, source: ImageSource, out: str | Path, cfg: CollectC
         manifest["actatlas_version"] = __version__
         write_json_atomic(out / "manifest.json", manifest)
 
-        device = torch.device(cfg.device)
+        # the Ray engine's workers load their own copy; the driver only needs the layer shapes
+        device = resolve_device(cfg.device) if cfg.engine == "local" else _model_device(spec)
         spec.to_device(device)
         shapes = layer_shapes(spec, list(layers.values()), device)
         labels = source.labels(spec.class_names, spec.wnids)
@@ -359,27 +442,35 @@ def collect(spec: ModelSpec, source: ImageSource, out: str | Path, cfg: CollectC
             log.info("resuming: %d of %d shards already committed", len(done), n_shards)
         processed = 0
         bar = tqdm(total=remaining, disable=not progress, unit="img", desc=f"collect {','.join(layers)}")
-        plan = [(s, range(a, min(a + cfg.batch_size, (s + 1) * cfg.shard_size, n_images)))
-                for s in todo
-                for a in range(s * cfg.shard_size, min((s + 1) * cfg.shard_size, n_images), cfg.batch_size)]
+        plan = make_plan(todo, n_images, cfg)
+        if cfg.engine == "ray":
+            from .ray_engine import ray_batches
+
+            outputs = ray_batches(spec, layers, shapes, source, plan, cfg, progress=progress)
+        else:
+            outputs = local_batches(spec, layers, shapes, source, plan, cfg)
         writer: ShardWriter | None = None
-        for bi, batch in enumerate(iter_batches(source, spec.preprocess, plan, threads=cfg.loader_threads)):
-            shard = batch.key
+        expected = 0
+        for out_b in outputs:
+            if out_b.bi != expected:  # an engine must deliver every planned batch once, in order
+                raise RuntimeError(f"engine {cfg.engine!r} delivered batch {out_b.bi}, expected {expected}")
+            expected += 1
+            shard = out_b.shard
             if writer is None or writer.shard_id != shard:
                 writer = ShardWriter(store_dir, shard, shard * cfg.shard_size,
                                      min((shard + 1) * cfg.shard_size, n_images), list(layers),
                                      np.dtype(cfg.activation_dtype))
-            for i, err in batch.skipped:
+            for i, err in out_b.skipped:
                 log.warning("skipping %s", err)
                 writer.skip(i, paths[i], err)
-            if batch.pixels is not None:
-                res = process_batch(spec, layers, shapes, batch.pixels, batch.index, cfg)
-                for label, lb in res.items():
-                    writer.add(label, lb)
-            processed += batch.requested
-            bar.update(batch.requested)
-            if bi + 1 == len(plan) or plan[bi + 1][0] != shard:
+            for label, lb in (out_b.layers or {}).items():
+                writer.add(label, lb)
+            processed += out_b.requested
+            bar.update(out_b.requested)
+            if out_b.bi + 1 == len(plan) or plan[out_b.bi + 1][0] != shard:
                 writer.commit(paths, labels)
+        if expected != len(plan):
+            raise RuntimeError(f"engine {cfg.engine!r} delivered {expected} of {len(plan)} batches")
         bar.close()
         seconds_compute = time.perf_counter() - t0
         merged = consolidate(store_dir, list(layers), n_shards)

@@ -40,7 +40,7 @@ import torch
 
 from .errors import UserError
 from .layout import write_atomic
-from .store import layer_dirname, write_json_atomic
+from .store import drop_pages, layer_dirname, write_json_atomic
 
 MAX_GRID = 8192         # cells per side (bookkeeping arrays have G*G entries)
 _FLUSH_ROWS = 1 << 18  # rows summed in float32 before adding into the float64 totals
@@ -174,6 +174,8 @@ def _grid_levels(coords, acts, levels, attributions, min_count, topk, n_closest,
             acc.add(p["row_need"][a:b], x)
             if has_attr:
                 aacc.add(p["row_need"][a:b], xa)
+        if has_attr:
+            drop_pages(attributions, a, b)
 
     out: dict[int, GridLevel] = {}
     for p, acc, aacc in zip(plans, act_acc, attr_acc):
@@ -263,6 +265,7 @@ def _chunks(array, chunk_rows: int, progress: bool, desc: str):
         starts = tqdm(starts, desc=desc, total=-(-n // chunk_rows), unit="chunk", leave=False)
     for a in starts:
         yield a, reader.read(a, min(n, a + chunk_rows))
+        drop_pages(array, a, a + chunk_rows)  # a memmap's pages read so far need not stay resident
 
 
 class _Reader:

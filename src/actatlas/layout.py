@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import UserError
-from .store import layer_dirname, write_json_atomic
+from .store import drop_pages, layer_dirname, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +331,7 @@ def _features(acts, cfg: LayoutConfig, params: dict, chunk_rows: int) -> np.ndar
     out = np.empty((n, c), dtype=np.float32)
     for a in range(0, n, chunk_rows):
         out[a:a + chunk_rows] = acts[a:a + chunk_rows]
+        drop_pages(acts, a, a + chunk_rows)
     return out
 
 
@@ -354,6 +355,7 @@ def _pca_project(acts, dims: int, center: bool, chunk_rows: int) -> np.ndarray:
     out = np.empty((n, v.shape[1]), dtype=np.float32)
     for a in range(0, n, chunk_rows):
         out[a:a + chunk_rows] = (np.asarray(acts[a:a + chunk_rows], np.float32) - shift) @ v
+        drop_pages(acts, a, a + chunk_rows)
     return out
 
 

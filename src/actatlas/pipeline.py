@@ -175,14 +175,26 @@ def _load_spec(run: Run, device: str):
 
 
 def run_render(run_dir: str | Path, layer: str | None = None, cfg=None, ridge: float = 1e-2, spec=None,
-               progress: bool = True):
+               progress: bool = True, engine: str = "local", address: str | None = None,
+               threads: int | None = None):
     """Stage: one icon per kept cell of every level (method.md §1.9–1.11) -> ``RUN/icons/<layer>``.
 
     Icons are rendered and committed in batches (one ``.npz`` per batch, written atomically), each
     batch with its own seed, so an interrupted render resumes and yields the same icons.
+    engine "local" renders the batches here, one after another; "ray" runs one Ray task per batch
+    (`threads` CPUs each, or one GPU each with a CUDA device; `address`: the Ray cluster) and
+    commits each as it finishes. Both call `render_icon_batch` with the same seeds.
     """
     from .grid import load_grid
-    from .render import RenderConfig, render_icons
+    from .render import RenderConfig
+    from .render.icons import render_icon_batch
+
+    if engine not in ("local", "ray"):
+        raise UserError(f"--engine must be local or ray, not {engine!r}")
+    if engine == "ray":
+        from .ray_engine import require_ray
+
+        require_ray()
 
     run_dir = Path(run_dir)
     run = open_run(run_dir)
@@ -203,6 +215,13 @@ def run_render(run_dir: str | Path, layer: str | None = None, cfg=None, ridge: f
     def done_path(level, b):
         return out / f"level-{level.size}" / f"batch-{b:05d}.npz"
 
+    def commit(level, b, arrays):
+        p = done_path(level, b)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.tmp.npz")
+        np.savez(tmp, images=arrays["images"], objective=arrays["objective"], fidelity=arrays["fidelity"])
+        tmp.replace(p)
+
     def fn(resume):
         nonlocal spec
         if not resume and out.exists():
@@ -211,22 +230,32 @@ def run_render(run_dir: str | Path, layer: str | None = None, cfg=None, ridge: f
         if not todo:
             return
         if spec is None:
-            spec = _load_spec(run, cfg.device or "cpu")
+            spec = _load_spec(run, "cpu" if engine == "ray" else (cfg.device or "cpu"))
         module_layer = run.config["module_layers"][layer]
         from tqdm.auto import tqdm
 
         total = sum(sl.stop - sl.start for _, _, sl in todo)
         bar = tqdm(total=total, disable=not progress, unit="icon", desc=f"render {layer}")
-        for lv, b, sl in todo:
+
+        def seeded(lv, b):
             seed = int(config_hash({"seed": cfg.seed, "level": lv.size, "batch": b})[:8], 16)
-            icons = render_icons(spec, module_layer, lv.mean_activation[sl], dataclasses.replace(cfg, seed=seed),
-                                 S=S, progress=False)
-            p = done_path(lv, b)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(f".{p.name}.tmp.npz")
-            np.savez(tmp, images=icons.images, objective=icons.objective, fidelity=icons.fidelity)
-            tmp.replace(p)
-            bar.update(sl.stop - sl.start)
+            return dataclasses.replace(cfg, seed=seed)
+
+        if engine == "ray":
+            from .ray_engine import ray_render
+
+            jobs = [((lv, b, sl), lv.mean_activation[sl], seeded(lv, b)) for lv, b, sl in todo]
+            for (lv, b, sl), arrays in ray_render(spec, module_layer, jobs, S, device=cfg.device or "cpu",
+                                                  threads=threads, address=address):
+                commit(lv, b, arrays)
+                bar.update(sl.stop - sl.start)
+        else:
+            from . import render as render_pkg
+
+            for lv, b, sl in todo:
+                commit(lv, b, render_icon_batch(spec, module_layer, lv.mean_activation[sl], seeded(lv, b), S,
+                                                render=render_pkg.render_icons))
+                bar.update(sl.stop - sl.start)
         bar.close()
 
     rep = _stage(run_dir, f"render:{layer}", record, fn,
@@ -277,20 +306,32 @@ def run_assemble(run_dir: str | Path, layer: str, icons: dict, S: np.ndarray | N
 def build(model: str, images, out: str | Path, layer: str | None = None, limit: int | None = None,
           levels: Sequence[int] = (10, 20, 40), collect_cfg: CollectConfig | None = None, layout_cfg=None,
           render_cfg=None, min_count: int = 6, weights: str | None = None,
-          sha256: str | None = None, device: str = "cpu", progress: bool = True) -> BuildResult:
+          sha256: str | None = None, device: str = "cpu", progress: bool = True, engine: str = "local",
+          address: str | None = None, threads: int | None = None) -> BuildResult:
     """The whole atlas with one call: collect -> layout -> grid -> render -> assemble.
 
     Stages whose inputs and config are unchanged are skipped; interrupted stages resume.
+    engine "ray" runs collect and render on Ray (`address`: the cluster; see `ray_engine`).
     """
     from .data import images as make_images
     from .models import load_model
 
     out = Path(out)
-    spec = load_model(model, weights=weights, sha256=sha256, device=device)
+    if engine == "ray":
+        from .ray_engine import require_ray
+
+        require_ray()
+    else:
+        from .devices import resolve_device
+
+        resolve_device(device)
+    # with Ray the workers hold the model on their devices; the driver keeps a CPU copy
+    spec = load_model(model, weights=weights, sha256=sha256, device="cpu" if engine == "ray" else device)
     source = make_images(images) if not hasattr(images, "load") else images
     ccfg = collect_cfg or CollectConfig()
     ccfg = dataclasses.replace(ccfg, layers=(layer,) if layer else ccfg.layers, limit=limit or ccfg.limit,
-                               device=device)
+                               device=device, engine=engine, address=address,
+                               threads=ccfg.threads or threads)
     t0 = time.perf_counter()
     res = collect(spec, source, out, ccfg, progress=progress)
     reports = [StageReport("collect", not res.already_complete, 0.0 if res.already_complete else res.seconds,
@@ -303,7 +344,8 @@ def build(model: str, images, out: str | Path, layer: str | None = None, limit: 
         reports.append(rep)
         rep, grid = run_grid(out, layer, levels, min_count=min_count, progress=progress)
         reports.append(rep)
-        rep, icons, S = run_render(out, layer, render_cfg, spec=spec, progress=progress)
+        rep, icons, S = run_render(out, layer, render_cfg, spec=spec, progress=progress, engine=engine,
+                                   address=address, threads=threads)
         reports.append(rep)
         ta = time.perf_counter()
         atlas, pngs = run_assemble(out, layer, icons, S)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import mmap
 import os
 import shutil
 from dataclasses import dataclass
@@ -242,16 +243,7 @@ def consolidate(store_dir: Path, layers: list[str], n_shards: int) -> dict:
         names = [f.name for f in (shard_dirs[0] / ld).iterdir() if f.suffix == ".npy"] if shard_dirs else []
         total = sum(m["rows"][layer] for m in metas)
         for fname in sorted(names):
-            first = np.load(shard_dirs[0] / ld / fname, mmap_mode="r")
-            out = np.lib.format.open_memmap(tmp_dir / fname, mode="w+", dtype=first.dtype,
-                                            shape=(total,) + first.shape[1:])
-            pos = 0
-            for d in shard_dirs:
-                part = np.load(d / ld / fname, mmap_mode="r")
-                out[pos:pos + len(part)] = part
-                pos += len(part)
-            out.flush()
-            del out
+            _concat_npy([d / ld / fname for d in shard_dirs], tmp_dir / fname, total)
         writer = None
         offset = 0
         try:
@@ -273,6 +265,34 @@ def consolidate(store_dir: Path, layers: list[str], n_shards: int) -> dict:
     return {"rows": rows, "skipped": skipped}
 
 
+def _concat_npy(parts: list[Path], dest: Path, total: int) -> None:
+    """Concatenate .npy files along axis 0 into `dest` with plain writes, one part in memory at a time.
+
+    Not through a writable memmap: its dirty pages stay mapped into the process, so peak RSS would
+    grow with the size of the store (1 GB at 1M x 512 float16) instead of the size of one shard."""
+    first = np.load(parts[0], mmap_mode="r")
+    header = np.lib.format.header_data_from_array_1_0(first)
+    header["shape"] = (total,) + first.shape[1:]
+    header["fortran_order"] = False
+    dtype = first.dtype
+    del first
+    with open(dest, "wb") as f:
+        np.lib.format.write_array_header_2_0(f, header)
+        written = 0
+        for p in parts:
+            part = np.load(p)
+            if part.dtype != dtype or part.shape[1:] != header["shape"][1:]:
+                raise UserError(f"shard array {p} has dtype/shape {part.dtype}{part.shape}, expected "
+                                f"{dtype}[*, {header['shape'][1:]}]; the store is inconsistent")
+            f.write(np.ascontiguousarray(part).data)
+            written += len(part)
+            del part
+        f.flush()
+        os.fsync(f.fileno())
+    if written != total:
+        raise UserError(f"{dest.name}: shards hold {written} rows, their metadata says {total}")
+
+
 def remove_shards(store_dir: Path) -> None:
     shutil.rmtree(Path(store_dir) / "shards", ignore_errors=True)
 
@@ -281,6 +301,33 @@ def iter_chunks(array: np.ndarray, chunk_rows: int = 65536) -> Iterable[tuple[in
     """Yield (start, float32 chunk) over a (memory-mapped) [n, c] array, bounded memory."""
     for start in range(0, len(array), chunk_rows):
         yield start, np.asarray(array[start:start + chunk_rows], dtype=np.float32)
+        drop_pages(array, start, start + chunk_rows)
+
+
+def drop_pages(array, start: int, stop: int) -> None:
+    """Unmap the pages of rows [start, stop) of a read-only memory-mapped array after a chunked read.
+
+    The file's pages stay in the OS page cache; only this process's mapping of them goes, so a
+    chunked pass over a 1 GB store does not leave 1 GB counted in its resident set (VmRSS/VmHWM).
+    A no-op for in-memory arrays, writable maps and platforms without madvise."""
+    mm = getattr(array, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED") \
+            or getattr(array, "mode", "r") != "r" or array.ndim < 1 or not array.flags.c_contiguous:
+        return
+    try:
+        base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+        row = array.strides[0]
+        stop = min(stop, len(array))
+        if stop <= start:
+            return
+        lo = array.ctypes.data - base + start * row
+        hi = array.ctypes.data - base + stop * row
+        page = mmap.PAGESIZE
+        lo, hi = (lo // page) * page, min(-(-hi // page) * page, len(mm))
+        if hi > lo:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    except (ValueError, OSError, TypeError, BufferError):  # e.g. a closed map: nothing to drop
+        return
 
 
 def check_writable_run(out: Path) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import UserError
 from .layout import save_npy_atomic
-from .store import layer_dirname, write_json_atomic
+from .store import drop_pages, layer_dirname, write_json_atomic
 
 DEFAULT_RIDGE = 1e-2
 _BLOCK_ELEMS = 1 << 22  # float64 elements per block cast (32 MB)
@@ -49,6 +49,7 @@ def moment_sums(acts: np.ndarray, chunk_rows: int = 65536) -> tuple[np.ndarray, 
             x = np.asarray(chunk[b:b + block], dtype=np.float64)
             total += x.T @ x
             s += x.sum(axis=0)
+        drop_pages(acts, a, a + chunk_rows)
     return total, s, int(n)
 
 

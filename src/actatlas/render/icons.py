@@ -33,8 +33,8 @@ from .transforms import make_transforms
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RenderConfig", "IconSet", "render_icons", "fidelity_of_activations", "icon_fidelity",
-           "centre_activations"]
+__all__ = ["RenderConfig", "IconSet", "render_icons", "render_icon_batch", "fidelity_of_activations",
+           "icon_fidelity", "centre_activations"]
 
 
 @dataclass(frozen=True)
@@ -278,3 +278,17 @@ def render_icons(spec: ModelSpec, layer: str, directions: np.ndarray, cfg: Rende
              layer, seconds)
     return IconSet(images=images, objective=objective, fidelity=fidelity, attempts_objective=attempts_obj,
                    best_attempt=best, layer=layer, config=cfg, seconds=seconds)
+
+
+def render_icon_batch(spec: ModelSpec, layer: str, directions: np.ndarray, cfg: RenderConfig,
+                      S: np.ndarray | None = None, render=None) -> dict[str, np.ndarray]:
+    """The engine-independent unit of the render stage: one committed batch of icons.
+
+    `render_icons` without a progress bar, returning only what the pipeline stores:
+    {"images": uint8 [m, P, P, 3], "objective": [m], "fidelity": [m]}. The local loop and the Ray
+    tasks both call this, with the batch's own seed in `cfg`, so they give the same icons.
+    `render`: the renderer to call (default `render_icons`; the pipeline passes the package's
+    attribute so a substituted one, e.g. in a test, is used).
+    """
+    icons = (render or render_icons)(spec, layer, directions, cfg, S=S, progress=False)
+    return {"images": icons.images, "objective": icons.objective, "fidelity": icons.fidelity}
