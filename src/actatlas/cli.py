@@ -27,6 +27,14 @@ def _add_model_args(p: argparse.ArgumentParser, default: str | None = "efficient
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local (this process, default) or ray (Ray Data actors / Ray tasks; "
+                        "pip install 'actatlas[ray]')")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address for --engine ray (default: RAY_ADDRESS or a local Ray)")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON summary object on the last line")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -70,7 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=256, help="images per committed shard (unit of resume)")
     p.add_argument("--loader-threads", type=int, default=2, help="threads decoding images")
     p.add_argument("--float16", action="store_true", help="store activations as float16")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed-precision forward (float16 on CUDA, bfloat16 on CPU) for --attributions none; "
+                        "see docs/scale.md for the tolerance")
     p.add_argument("--overwrite", action="store_true", help="replace a collect with a different config")
+    p.add_argument("--ray-actors", type=int, default=None,
+                   help="model actors with --engine ray (default: one per GPU, else as many CPU actors as fit)")
+    _add_engine_args(p)
     _add_common(p)
 
     p = sub.add_parser("eval", help="top-1/top-5 accuracy on labelled images")
@@ -96,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("--layer", "-l")
     _add_render_args(p)
+    _add_engine_args(p)
     _add_common(p)
 
     p = sub.add_parser("build", help="collect -> layout -> grid -> render -> atlas PNGs, skipping finished stages")
@@ -110,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_layout_args(p, seed=False)
     _add_grid_args(p)
     _add_render_args(p, device=False, seed=False)
+    _add_engine_args(p)
     _add_common(p)
 
     p = sub.add_parser("export", help="export the atlas of a run as a static site (the viewer)")
@@ -128,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to bind (default 127.0.0.1; giving one explicitly allows non-local hosts)")
     p.add_argument("--max-requests", type=int, default=None, help=argparse.SUPPRESS)
     _add_common(p)
+    from .cli_patches import add_patch_parsers  # patch-attack, find-patches
+
+    add_patch_parsers(sub, _add_model_args, _add_common)
+    from .cli_views import add_view_parsers  # class-atlas, compare
+
+    add_view_parsers(sub)
     return parser
 
 
@@ -206,7 +228,14 @@ def _load(args):
         import torch
 
         torch.set_num_threads(args.threads)
-    return load_model(args.model, weights=args.weights, sha256=args.sha256, device=getattr(args, "device", "cpu"))
+    device = getattr(args, "device", "cpu")
+    if getattr(args, "engine", "local") == "ray":
+        device = "cpu"  # the Ray workers load the model on their own devices
+    else:
+        from .devices import resolve_device
+
+        resolve_device(device)
+    return load_model(args.model, weights=args.weights, sha256=args.sha256, device=device)
 
 
 def _emit(args, summary: dict, human: str) -> None:
@@ -259,7 +288,8 @@ def cmd_collect(args) -> None:
         positions=args.positions, per_image=args.per_image, border=args.border,
         attributions=args.attributions, topk=args.topk, seed=args.seed, limit=args.limit,
         batch_size=args.batch_size, shard_size=args.shard_size, device=args.device, threads=args.threads,
-        loader_threads=args.loader_threads, activation_dtype="float16" if args.float16 else "float32")
+        loader_threads=args.loader_threads, activation_dtype="float16" if args.float16 else "float32",
+        amp=args.amp, engine=args.engine, address=args.address, ray_actors=args.ray_actors)
     res = collect(spec, source, args.out, cfg, progress=not args.quiet, overwrite=args.overwrite)
     d = res.to_dict()
     if res.already_complete:
@@ -316,7 +346,12 @@ def cmd_render(args) -> None:
 
         torch.set_num_threads(args.threads)
     cfg = _render_cfg(args)
-    rep, icons, S = run_render(args.run, args.layer, cfg, progress=not args.quiet)
+    if args.engine == "local":
+        from .devices import resolve_device
+
+        resolve_device(cfg.device)
+    rep, icons, S = run_render(args.run, args.layer, cfg, progress=not args.quiet, engine=args.engine,
+                               address=args.address, threads=args.threads)
     from .run import open_run
 
     layer = args.layer or open_run(args.run).layers[0]
@@ -339,7 +374,7 @@ def cmd_build(args) -> None:
                                           batch_size=args.collect_batch_size),
                 layout_cfg=_layout_cfg(args), render_cfg=_render_cfg(args), min_count=args.min_count,
                 weights=args.weights, sha256=args.sha256, device=args.device,
-                progress=not args.quiet)
+                progress=not args.quiet, engine=args.engine, address=args.address, threads=args.threads)
     s = res.summary
     lines = [f"atlas of {s['model']} layer {s['layer']} from {s['samples']} samples:"]
     for lv in s["levels"]:
@@ -382,6 +417,14 @@ def cmd_serve(args) -> None:
 COMMANDS = {"models": cmd_models, "layers": cmd_layers, "collect": cmd_collect, "eval": cmd_eval,
             "layout": cmd_layout, "grid": cmd_grid, "render": cmd_render, "build": cmd_build,
             "export": cmd_export, "serve": cmd_serve}
+
+from .cli_patches import PATCH_COMMANDS  # noqa: E402
+
+COMMANDS.update(PATCH_COMMANDS)
+
+from .cli_views import VIEW_COMMANDS  # noqa: E402
+
+COMMANDS.update(VIEW_COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,8 @@
 """What atlases are for (method.md §3.2, §3.3, §4): class atlases, two-class comparisons, patch attacks.
 
-Pure functions over arrays plus small dataclasses; the CLI wiring lives in ``actatlas.cli``.
+Pure functions over arrays plus small dataclasses here; rendering and result folders in
+``actatlas.analysis.views`` (class atlases, comparisons) and ``actatlas.analysis.attack`` (patches,
+patch attacks, patch discovery); the CLI wiring in ``actatlas.cli_views`` / ``actatlas.cli_patches``.
 """
 
 from .classes import ClassAtlas, class_atlas, class_filter

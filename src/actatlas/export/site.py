@@ -265,6 +265,37 @@ def _export_level(w: _Writer, atlas_dir: Path, layer: str, lvjson: dict, grid_le
             "samples": data["samples"]}
 
 
+def _provenance(run, layer: str, subset=None):
+    """(Rows, layer map shape [c, h, w]) of `layer`, restricted to run rows `subset` when given, so that
+    a grid whose members index the subset finds its member patches; (None, None) when unavailable."""
+    try:
+        rows = run.rows(layer)
+        shape = run.summary["layer_shapes"][layer]
+    except Exception:
+        return None, None
+    if subset is not None:
+        from ..run import Rows
+
+        idx = np.asarray(subset, np.int64)
+        rows = Rows(**{f: getattr(rows, f)[idx] for f in rows.__dataclass_fields__})
+    return rows, shape
+
+
+def _export_layer(w: _Writer, adir: Path, layer: str, grids: dict, rows, shape, images, s: int,
+                  patches_per_cell: int, patch_size: int, n_classes: int) -> dict:
+    """Export every level of the assembled atlas in `adir` (``atlas.json`` + ``level-<G>.json`` +
+    icons); returns the manifest's entry for the layer (with its largest icon size under "icon")."""
+    meta = json.loads((adir / "atlas.json").read_text())
+    use_images = images if rows is not None and shape is not None and len(shape) == 3 else None
+    levels = []
+    for G in meta["levels"]:
+        lvjson = json.loads((adir / f"level-{G}.json").read_text())
+        levels.append(_export_level(w, adir, layer, lvjson, grids.get(int(G)), rows, shape, use_images, s,
+                                    patches_per_cell, patch_size, n_classes))
+    return {"name": layer, "levels": levels, "total_samples": max([lv["samples"] for lv in levels] or [0]),
+            "icon": max([lv["icon"] for lv in levels] or [0])}
+
+
 def _build(run_dir: Path, w: _Writer, layers, patches_per_cell: int, patch_size: int) -> dict:
     from ..grid import load_grid
     from ..run import open_run
@@ -289,27 +320,14 @@ def _build(run_dir: Path, w: _Writer, layers, patches_per_cell: int, patch_size:
     out_layers = []
     icon_size = 0
     for layer in avail:
-        adir = atlas_root / layer
-        meta = json.loads((adir / "atlas.json").read_text())
         try:
             grids = {int(g.size): g for g in load_grid(run_dir / "grid", layer)}
         except Exception:
             grids = {}
-        try:
-            rows = run.rows(layer)
-            shape = run.summary["layer_shapes"][layer]
-        except Exception:
-            rows, shape = None, None
-        levels = []
-        for G in meta["levels"]:
-            lvjson = json.loads((adir / f"level-{G}.json").read_text())
-            lv = _export_level(w, adir, layer, lvjson, grids.get(int(G)), rows, shape,
-                               images if rows is not None and shape is not None and len(shape) == 3 else None,
-                               s, patches_per_cell, patch_size, len(class_names))
-            icon_size = max(icon_size, lv["icon"])
-            levels.append(lv)
-        out_layers.append({"name": layer, "levels": levels,
-                           "total_samples": max([lv["samples"] for lv in levels] or [0])})
+        entry = _export_layer(w, atlas_root / layer, layer, grids, *_provenance(run, layer), images, s,
+                              patches_per_cell, patch_size, len(class_names))
+        icon_size = max(icon_size, entry["icon"])
+        out_layers.append(entry)
     cfg = run.config
     rows_per_layer = run.summary.get("rows")
     total = (int(rows_per_layer.get(avail[0], 0)) if isinstance(rows_per_layer, dict) else 0) or \
@@ -332,6 +350,11 @@ def single_file_html(run_dir: str | os.PathLike, layers=None, patches_per_cell: 
     """The whole viewer with every file inlined (data: URIs / embedded JSON) as one HTML string."""
     w = _Writer(None)
     _build(Path(run_dir), w, layers, patches_per_cell, patch_size)
+    return _inline(w)
+
+
+def _inline(w: _Writer) -> str:
+    """The viewer page with the in-memory files of `w` embedded (the single-file export)."""
     page = _static("index.html")
     css = _static("viewer.css")
     js = _static("viewer.js")
@@ -368,6 +391,56 @@ def export_site(run_dir: str | os.PathLike, out_dir: str | os.PathLike, single_f
     for name in STATIC_FILES:
         (out / name).write_text(_static(name), encoding="utf-8")
     return out / "index.html"
+
+
+def export_atlas(atlas_dir: str | os.PathLike, out_dir: str | os.PathLike, run_dir: str | os.PathLike, *,
+                 grid_levels=(), subset_rows=None, title: str | None = None, single_file: bool = True,
+                 patches_per_cell: int = 8, patch_size: int = 64) -> Path:
+    """Export one assembled atlas that lives outside ``RUN/atlas/`` (a class atlas, a two-class
+    comparison: anything written by ``Atlas.save``) as the viewer; returns the index.html path.
+
+    Args:
+        atlas_dir: the folder ``Atlas.save`` wrote (``atlas.json``, ``level-<G>.json``, icons).
+        out_dir: where the viewer goes (``index.html``, plus data files unless `single_file`).
+        run_dir: the run the atlas was made from (class names, provenance for member patches).
+        grid_levels: the ``GridLevel`` of each level (members and mean attributions: patches and the
+            class heatmap); levels without one are exported without them.
+        subset_rows: [n] int64 run rows that the grid levels' member ids index (the atlas was laid out
+            over this subset of the run); None when they are run rows already.
+        title: the page title.
+        single_file: one self-contained ``index.html`` (default) or a site folder.
+        patches_per_cell, patch_size: real image patches per cell and their side in pixels.
+    """
+    from ..run import open_run
+
+    adir, out = Path(atlas_dir), Path(out_dir)
+    if not (adir / "atlas.json").is_file():
+        raise UserError(f"{adir} holds no assembled atlas (atlas.json missing)")
+    if patch_size < 8 or patch_size > 512:
+        raise UserError("patch_size must be in [8, 512]")
+    run = open_run(run_dir)
+    layer = json.loads((adir / "atlas.json").read_text())["layer"]
+    class_names = list(run.class_names)
+    geometry, s = _geometry_for(run) if patches_per_cell > 0 else (None, 0)
+    images = _ImageCache(geometry) if geometry is not None else None
+    out.mkdir(parents=True, exist_ok=True)
+    if not single_file and (out / "data").is_dir():
+        shutil.rmtree(out / "data")
+    w = _Writer(None if single_file else out)
+    entry = _export_layer(w, adir, layer, {int(g.size): g for g in grid_levels},
+                          *_provenance(run, layer, subset_rows), images, s, patches_per_cell, patch_size,
+                          len(class_names))
+    cfg = run.config
+    w.json("manifest.json", {"format": FORMAT, "title": title or f"Activation atlas: {cfg.get('model', '')}",
+                             "model": cfg.get("model"), "layers": [entry], "class_names": class_names,
+                             "icon_size": entry["icon"], "total_samples": entry["total_samples"]})
+    index = out / "index.html"
+    if single_file:
+        index.write_text(_inline(w), encoding="utf-8")
+    else:
+        for name in STATIC_FILES:
+            (out / name).write_text(_static(name), encoding="utf-8")
+    return index
 
 
 def notebook_html(run_dir: str | os.PathLike, layer: str | None = None, height: int = 640) -> str:
