@@ -307,3 +307,41 @@ def test_cli_collect_json_and_layers(tmp_path):
     info = json.loads(lay.stdout.strip().splitlines()[-1])
     assert info["default_layer"] == "conv2"
     assert any(layer["name"] == "conv2" for layer in info["layers"])
+
+
+# --------------------------------------------------------------------------------------------
+# smooth max-pool gradient relaxation in collection (method.md §1.3, §7.A3 last bullet)
+
+
+def test_smooth_maxpool_changes_attributions_only_through_maxpools(tmp_path):
+    """InceptionV1 (random init): mixed5b -> logits has no max-pool, so its attributions are identical
+    with and without the relaxation; mixed4c's path has max-pools (mixed4d/4e pool branches, maxpool10),
+    so its attributions change while activations and predictions stay the same."""
+    spec = aa.load_model("inceptionv1")
+    folder = make_folder(tmp_path / "imgs", 3, size=64)
+    runs = {}
+    for smooth in (False, True):
+        out = tmp_path / f"run-{smooth}"
+        aa.collect(spec, aa.images(folder), out, layers=["mixed4c", "mixed5b"], per_image=2, batch_size=3,
+                   smooth_maxpool=smooth, progress=False)
+        runs[smooth] = aa.open_run(out)
+    a, b = runs[False], runs[True]
+    assert a.config.get("smooth_maxpool") is None and b.config.get("smooth_maxpool") is True
+    for layer in ("mixed4c", "mixed5b"):
+        np.testing.assert_array_equal(a.activations(layer), b.activations(layer))
+    np.testing.assert_array_equal(a.attributions("mixed5b"), b.attributions("mixed5b"))
+    d = np.abs(np.asarray(a.attributions("mixed4c"), np.float32) - np.asarray(b.attributions("mixed4c"), np.float32))
+    assert d.max() > 1e-3 * np.abs(np.asarray(a.attributions("mixed4c"), np.float32)).max()
+
+
+def test_model_labels_option(tmp_path):
+    """--labels names InceptionV1's logits; models without such an option refuse it clearly."""
+    names, wnids = aa.models.imagenet_classes()
+    labels = tmp_path / "labels.txt"
+    labels.write_text("dummy\n" + "".join(f"{w} {n}\n" for w, n in zip(wnids, names)))
+    r = cli("layers", "inceptionv1", "--labels", str(labels))
+    assert r.returncode == 0, r.stderr
+    spec = aa.load_model("inceptionv1", labels=str(labels))
+    assert spec.class_names[1] == names[0] and spec.wnids[1] == wnids[0]
+    r = cli("layers", "efficientnet_lite0", "--labels", str(labels))
+    assert r.returncode == 2 and "takes no option labels" in r.stderr and "Traceback" not in r.stderr

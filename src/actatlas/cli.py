@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from . import __version__
 from .errors import UserError
@@ -23,6 +24,8 @@ def _add_model_args(p: argparse.ArgumentParser, default: str | None = "efficient
                         "package.module:factory (default: %(default)s)")
     p.add_argument("--weights", help="weights file or URL for models that take them (e.g. inceptionv1)")
     p.add_argument("--sha256", help="expected sha256 of --weights when it is a URL")
+    p.add_argument("--labels", help="class labels file for models that take one (inceptionv1: one "
+                                    "'wnid name' or 'name' line per logit, Lucid's order)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -55,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model name (see 'actatlas models')")
     p.add_argument("--weights")
     p.add_argument("--sha256")
+    p.add_argument("--labels", help="class labels file for models that take one (inceptionv1)")
     p.add_argument("--all", action="store_true", help="also list non-spatial / non-tensor outputs")
     _add_common(p)
 
@@ -82,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed-precision forward (float16 on CUDA, bfloat16 on CPU) for --attributions none; "
                         "see docs/scale.md for the tolerance")
     p.add_argument("--overwrite", action="store_true", help="replace a collect with a different config")
+    p.add_argument("--smooth-maxpool", action="store_true",
+                   help="attributions through max-pools use the article's smooth relaxation of the max-pool "
+                        "gradient (InceptionV1; method.md 1.3)")
     p.add_argument("--ray-actors", type=int, default=None,
                    help="model actors with --engine ray (default: one per GPU, else as many CPU actors as fit)")
     _add_engine_args(p)
@@ -121,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="use only the first N images")
     p.add_argument("--per-image", type=int, default=1, help="random positions per image")
     p.add_argument("--batch-size-collect", type=int, default=32, dest="collect_batch_size")
+    p.add_argument("--smooth-maxpool", action="store_true",
+                   help="attributions through max-pools use the article's smooth relaxation of the max-pool "
+                        "gradient (InceptionV1; method.md 1.3)")
     p.add_argument("--seed", type=int, default=0, help="seed for positions, layout and icons")
     _add_layout_args(p, seed=False)
     _add_grid_args(p)
@@ -235,7 +245,12 @@ def _load(args):
         from .devices import resolve_device
 
         resolve_device(device)
-    return load_model(args.model, weights=args.weights, sha256=args.sha256, device=device)
+    return load_model(args.model, weights=args.weights, sha256=args.sha256, device=device, **_model_kwargs(args))
+
+
+def _model_kwargs(args) -> dict:
+    """Model options beyond weights (recorded in the run, so later stages reload the same model)."""
+    return {"labels": str(Path(args.labels).resolve())} if getattr(args, "labels", None) else {}
 
 
 def _emit(args, summary: dict, human: str) -> None:
@@ -260,7 +275,7 @@ def cmd_layers(args) -> None:
     from .hooks import list_layers
     from .models import load_model
 
-    spec = load_model(args.model, weights=args.weights, sha256=args.sha256)
+    spec = load_model(args.model, weights=args.weights, sha256=args.sha256, **_model_kwargs(args))
     s = spec.input_size
     infos = list_layers(spec.module, (1, 3, s, s))
     if not args.all:
@@ -289,7 +304,8 @@ def cmd_collect(args) -> None:
         attributions=args.attributions, topk=args.topk, seed=args.seed, limit=args.limit,
         batch_size=args.batch_size, shard_size=args.shard_size, device=args.device, threads=args.threads,
         loader_threads=args.loader_threads, activation_dtype="float16" if args.float16 else "float32",
-        amp=args.amp, engine=args.engine, address=args.address, ray_actors=args.ray_actors)
+        amp=args.amp, engine=args.engine, address=args.address, ray_actors=args.ray_actors,
+        smooth_maxpool=args.smooth_maxpool)
     res = collect(spec, source, args.out, cfg, progress=not args.quiet, overwrite=args.overwrite)
     d = res.to_dict()
     if res.already_complete:
@@ -371,9 +387,9 @@ def cmd_build(args) -> None:
         torch.set_num_threads(args.threads)
     res = build(args.model, args.images, args.out, layer=args.layer, limit=args.limit, levels=_levels(args),
                 collect_cfg=CollectConfig(per_image=args.per_image, seed=args.seed,
-                                          batch_size=args.collect_batch_size),
+                                          batch_size=args.collect_batch_size, smooth_maxpool=args.smooth_maxpool),
                 layout_cfg=_layout_cfg(args), render_cfg=_render_cfg(args), min_count=args.min_count,
-                weights=args.weights, sha256=args.sha256, device=args.device,
+                weights=args.weights, sha256=args.sha256, device=args.device, model_kwargs=_model_kwargs(args),
                 progress=not args.quiet, engine=args.engine, address=args.address, threads=args.threads)
     s = res.summary
     lines = [f"atlas of {s['model']} layer {s['layer']} from {s['samples']} samples:"]

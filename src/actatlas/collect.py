@@ -37,6 +37,7 @@ from .data import ImageSource
 from .devices import resolve_device
 from .errors import UserError
 from .hooks import capture
+from .models.layers import smooth_maxpool_gradients
 from .models.spec import ModelSpec
 from .run import Run, read_manifest
 from .store import (LayerBatch, RunLock, ShardWriter, committed_shards, consolidate, remove_shards,
@@ -72,6 +73,10 @@ class CollectConfig:
         the same rows.
     address: Ray cluster address for engine "ray" (None: start or reuse a local Ray).
     ray_actors: model actors for engine "ray" (None: one per GPU, else as many CPU actors as fit).
+    smooth_maxpool: attributions through max-pools use the article's continuous relaxation of the
+        max-pool gradient (d/dx of avg_pool(x^2) / (1e-2 + avg_pool(|x|)), method.md §1.3) instead
+        of the exact one; only models built from `MaxPool2dSame` (InceptionV1) have such pools.
+        Activations and logits are unchanged. Part of the config hash when on.
     """
 
     layers: tuple[str, ...] | None = None
@@ -92,6 +97,7 @@ class CollectConfig:
     engine: str = "local"
     address: str | None = None
     ray_actors: int | None = None
+    smooth_maxpool: bool = False
 
     def validate(self) -> None:
         if self.positions not in POSITIONS:
@@ -254,7 +260,8 @@ def process_batch(spec: ModelSpec, layers: dict[str, str], shapes: dict[str, tup
             if target is None:
                 with torch.inference_mode(), amp_context(device, cfg.amp):
                     return spec.module(x).float(), None
-            with torch.no_grad(), fwAD.dual_level():  # float32 always (amp excludes attributions)
+            with torch.no_grad(), fwAD.dual_level(), \
+                    smooth_maxpool_gradients(spec.module, cfg.smooth_maxpool):  # float32 always (no amp)
                 y = spec.module(x)
                 unpacked = fwAD.unpack_dual(y)
                 tan = unpacked.tangent
@@ -405,6 +412,8 @@ def collect(spec: ModelSpec, source: ImageSource, out: str | Path, cfg: CollectC
     record["layers"] = list(record["layers"])
     if cfg.amp:  # only then, so runs without it keep their hash
         record["amp"] = True
+    if cfg.smooth_maxpool:
+        record["smooth_maxpool"] = True
     chash = config_hash(record)
     store_dir = out / "collect"
     store_dir.mkdir(parents=True, exist_ok=True)

@@ -307,7 +307,8 @@ def build(model: str, images, out: str | Path, layer: str | None = None, limit: 
           levels: Sequence[int] = (10, 20, 40), collect_cfg: CollectConfig | None = None, layout_cfg=None,
           render_cfg=None, min_count: int = 6, weights: str | None = None,
           sha256: str | None = None, device: str = "cpu", progress: bool = True, engine: str = "local",
-          address: str | None = None, threads: int | None = None) -> BuildResult:
+          address: str | None = None, threads: int | None = None,
+          model_kwargs: dict | None = None) -> BuildResult:
     """The whole atlas with one call: collect -> layout -> grid -> render -> assemble.
 
     Stages whose inputs and config are unchanged are skipped; interrupted stages resume.
@@ -326,7 +327,8 @@ def build(model: str, images, out: str | Path, layer: str | None = None, limit: 
 
         resolve_device(device)
     # with Ray the workers hold the model on their devices; the driver keeps a CPU copy
-    spec = load_model(model, weights=weights, sha256=sha256, device="cpu" if engine == "ray" else device)
+    spec = load_model(model, weights=weights, sha256=sha256, device="cpu" if engine == "ray" else device,
+                      **(model_kwargs or {}))
     source = make_images(images) if not hasattr(images, "load") else images
     ccfg = collect_cfg or CollectConfig()
     ccfg = dataclasses.replace(ccfg, layers=(layer,) if layer else ccfg.layers, limit=limit or ccfg.limit,

@@ -7,6 +7,8 @@ any callable returning an ``nn.Module`` or a ``ModelSpec``.
 
 from __future__ import annotations
 
+import inspect
+
 import fnmatch
 import importlib
 import logging
@@ -58,7 +60,13 @@ def load_model(name: str, weights: str | None = None, sha256: str | None = None,
     """
     _ensure_builtin()
     if name in _REGISTRY:
-        spec = _REGISTRY[name](weights=weights, sha256=sha256, **kwargs)
+        factory = _REGISTRY[name]
+        params = inspect.signature(factory).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            extra = sorted(set(kwargs) - set(params))
+            if extra:
+                raise UserError(f"model {name!r} takes no option {', '.join(extra)}")
+        spec = factory(weights=weights, sha256=sha256, **kwargs)
     elif name.startswith("torchvision:"):
         from .adapters import torchvision_model
 
