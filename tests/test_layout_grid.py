@@ -30,6 +30,31 @@ def clustered(n=2000, c=24, k=6, seed=0, dtype=np.float32):
     return coords, acts, lab
 
 
+def separated(n=300, c=16, k=4, seed=0):
+    """k clusters far apart relative to their unit noise (centre distances ~15 sigma): any faithful 2-D
+    layout keeps them apart, whatever the BLAS kernel or thread count."""
+    rng = np.random.default_rng(seed)
+    lab = rng.integers(0, k, n)
+    centers = rng.random((k, c)) * 10
+    return np.maximum(centers[lab] + rng.standard_normal((n, c)), 0).astype(np.float32), lab
+
+
+def knn_label_agreement(coords, lab, k=10) -> float:
+    """Mean share of each point's k nearest neighbours (excluding itself) that carry its label."""
+    d = ((coords[:, None, :] - coords[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    nn = np.argsort(d, axis=1)[:, :k]
+    return float((lab[nn] == lab[:, None]).mean())
+
+
+def test_knn_label_agreement_measures_separation():
+    lab = np.repeat([0, 1], 50)
+    apart = np.concatenate([np.zeros((50, 2)), np.ones((50, 2))]) + np.random.default_rng(0).random((100, 2)) * .1
+    mixed = np.random.default_rng(1).random((100, 2))
+    assert knn_label_agreement(apart, lab) == 1.0
+    assert knn_label_agreement(mixed, lab) < 0.7
+
+
 # ---------------------------------------------------------------------------------------------- A1
 
 def _lucid_steps(x, lo_p=1, hi_p=99, margin=0.1):
@@ -284,13 +309,14 @@ def umap_runs():
     """All UMAP work of this module in one place: numba compiles on first use (~30-60 s cold)."""
     _, acts, lab = clustered(300, 16, k=4, seed=11)
     cfg = LayoutConfig(n_neighbors=15, seed=0)
-    first = compute_layout(acts, cfg, progress=False)
-    second = compute_layout(acts, cfg, progress=False)
+    sep, sep_lab = separated(300, 16, k=4, seed=11)
+    first = compute_layout(sep, cfg, progress=False)
+    second = compute_layout(sep, cfg, progress=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tiny = compute_layout(acts[:12], LayoutConfig(seed=1), progress=False)
     fitted = compute_layout(acts, LayoutConfig(n_neighbors=15, fit_max=200, seed=0), progress=False)
-    return dict(acts=acts, lab=lab, first=first, second=second, tiny=tiny, caught=caught, fitted=fitted)
+    return dict(acts=acts, lab=sep_lab, first=first, second=second, tiny=tiny, caught=caught, fitted=fitted)
 
 
 @pytest.mark.slow  # numba compiles umap-learn on first use: ~75 s cold, ~6 s warm
@@ -302,10 +328,9 @@ def test_umap_seeded_deterministic_in_unit_square(umap_runs):
     assert a.coords.min() >= 0 and a.coords.max() <= 1
     assert np.array_equal(a.coords.min(0), [0, 0]) and np.array_equal(a.coords.max(0), [1, 1])
     np.testing.assert_allclose(a.coords, normalize_layout(a.raw), atol=1e-6)
-    # clusters stay together: mean within-cluster spread well below the overall spread
-    lab = umap_runs["lab"]
-    within = np.mean([a.coords[lab == k].std(0).mean() for k in range(4)])
-    assert within < 0.5 * a.coords.std(0).mean()
+    # well-separated clusters stay together: the 10 nearest layout neighbours of a point share its label.
+    # A property of any correct UMAP on any CPU/BLAS, not a spread ratio tuned to one machine.
+    assert knn_label_agreement(a.coords, umap_runs["lab"], k=10) >= 0.9
 
 
 @pytest.mark.slow  # numba compiles umap-learn on first use: ~75 s cold, ~6 s warm
