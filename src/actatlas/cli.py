@@ -415,7 +415,9 @@ def cmd_serve(args) -> None:
     from pathlib import Path
 
     from .export import export_site, serve
+    from .export.serve import check_port
 
+    check_port(args.port)  # a bad --port fails before a run is exported
     root = Path(args.path)
     if not (root / "index.html").is_file():
         if not (root / "manifest.json").is_file() or not (root / "atlas").is_dir():
