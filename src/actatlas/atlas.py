@@ -63,6 +63,8 @@ class Atlas:
     class_names: list[str]
     summary: dict = field(default_factory=dict)
     run_dir: Path | None = None  # the run it came from: lets notebooks show the full viewer
+    # {G: float32 [m, classes]} full mean attributions per cell, read lazily by class_heat
+    _attributions: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def _repr_html_(self) -> str:
         """Jupyter display: the interactive viewer (single-file, inlined) when the run is known,
@@ -85,6 +87,28 @@ class Atlas:
             if lv.size == size:
                 return lv
         raise UserError(f"no level {size}; levels: {[lv.size for lv in self.levels]}")
+
+    def class_heat(self, cls: str | int, level: int, *, mode: str = "weighted", sign: int = 1) -> np.ndarray:
+        """float32 [cells] heat of class `cls` (name or index) over the cells of level `level` (a size G),
+        in the order of ``self.level(G)``'s cells, from the FULL mean attribution of every class
+        (the run's grid artifacts, read lazily on first use). The export writes these numbers, so the
+        viewer's class view shows the same values (quantized to 1/127).
+
+        mode: "weighted" (the viewer's default): max(0, sign * a) / its max over the level's cells, in
+                [0, 1] (0 everywhere when no cell has sign * a > 0);
+              "winner": 1.0 where `cls` is the cell's top class (sign=1; the most negative one for
+                sign=-1), else 0.0;
+              "attribution": the raw signed mean attribution a of `cls` in each cell (the legend's units).
+        sign: 1 positive influence, -1 negative influence.
+        """
+        from .models.spec import resolve_class
+
+        c = resolve_class(cls, self.class_names)
+        lv = self.level(int(level))
+        att = self._attributions.get(lv.size)
+        if att is None:
+            att = self._attributions[lv.size] = _load_attributions(self, lv)
+        return class_heat_values(att, c, mode, sign)
 
     def records(self, level: AtlasLevel) -> list[dict]:
         """JSON-able per-cell records (the viewer's data): grid position, count, top classes, fidelity."""
@@ -135,6 +159,71 @@ class Atlas:
             levels.append(AtlasLevel(size=g, **{k: z[k] for k in z.files}))
         run_dir = d.parent.parent if (d.parent.parent / "manifest.json").is_file() else None
         return cls(meta["layer"], levels, meta["class_names"], meta.get("summary", {}), run_dir=run_dir)
+
+
+HEAT_MODES = ("weighted", "winner", "attribution")
+
+
+def aligned_attributions(grid_level, i: np.ndarray, j: np.ndarray) -> np.ndarray | None:
+    """float32 [m, classes]: the grid level's full mean attribution for each cell (i[k], j[k]) (rows of
+    zeros for cells the grid lacks); None when the grid level holds no attributions."""
+    att = None if grid_level is None else grid_level.mean_attribution
+    if att is None or np.ndim(att) != 2:
+        return None
+    return _align(np.asarray(grid_level.i), np.asarray(grid_level.j), att, i, j)
+
+
+def _align(gi, gj, att, i, j) -> np.ndarray:
+    att = np.asarray(att, np.float32)
+    i, j = np.asarray(i, np.int64), np.asarray(j, np.int64)
+    if len(gi) == len(i) and np.array_equal(gi, i) and np.array_equal(gj, j):
+        return att
+    index = {(int(a), int(b)): q for q, (a, b) in enumerate(zip(gi, gj))}
+    order = np.array([index.get((int(a), int(b)), -1) for a, b in zip(i, j)], np.int64)
+    out = np.zeros((len(i), att.shape[1]), np.float32)
+    ok = order >= 0
+    out[ok] = att[order[ok]]
+    return out
+
+
+def cell_winners(att: np.ndarray, sign: int = 1) -> np.ndarray:
+    """int32 [m]: each cell's top class by full mean attribution (sign=1) or most negative class
+    (sign=-1); -1 for a cell whose attributions are all zero (no information)."""
+    att = np.asarray(att, np.float32)
+    if att.shape[1] == 0:
+        return np.full(len(att), -1, np.int32)
+    w = np.argmax(att if sign > 0 else -att, axis=1).astype(np.int32)
+    w[~np.any(att != 0, axis=1)] = -1
+    return w
+
+
+def class_heat_values(att: np.ndarray, cls: int, mode: str = "weighted", sign: int = 1) -> np.ndarray:
+    """The heat of class `cls` from full mean attributions att [m, classes] (see `Atlas.class_heat`)."""
+    if mode not in HEAT_MODES:
+        raise UserError(f"unknown heat mode {mode!r}; use one of {', '.join(HEAT_MODES)}")
+    if sign not in (1, -1):
+        raise UserError("sign must be 1 (positive influence) or -1 (negative influence)")
+    a = np.asarray(att[:, cls], np.float32)
+    if mode == "attribution":
+        return a.copy()
+    if mode == "winner":
+        return (cell_winners(att, sign) == cls).astype(np.float32)
+    s = np.maximum(sign * a, 0).astype(np.float32)
+    mx = float(s.max()) if len(s) else 0.0
+    return s / mx if mx > 0 else np.zeros_like(s)
+
+
+def _load_attributions(atlas: "Atlas", lv: AtlasLevel) -> np.ndarray:
+    """float32 [m, classes] full mean attributions of `lv`'s cells from the run's grid artifacts."""
+    if atlas.run_dir is None:
+        raise UserError("this atlas does not know its run (run_dir), so it has no per-cell attributions")
+    p = Path(atlas.run_dir) / "grid" / layer_dirname(atlas.layer) / f"level-{lv.size}.npz"
+    if not p.is_file():
+        raise UserError(f"no grid level {lv.size} for layer {atlas.layer!r} in {atlas.run_dir} ({p} missing)")
+    with np.load(p) as z:  # reads only the arrays named below
+        if "mean_attribution" not in z.files:
+            raise UserError(f"{p} holds no attributions (the run was collected without them)")
+        return _align(z["i"], z["j"], z["mean_attribution"], lv.i, lv.j)
 
 
 def atlas_dir(run_dir: str | Path, layer: str) -> Path:
