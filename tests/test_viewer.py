@@ -138,16 +138,21 @@ def test_export_writes_site(site, run_dir):
         assert (site / sh["url"]).is_file()
     for url in d["patches"]["sheets"]:
         assert (site / url).is_file()
-    heat = json.loads((site / "data" / "conv2" / "level-8-heat.json").read_text())
-    import base64
+    # class heat: one file per class over every level, the numbers of Atlas.class_heat (quantized)
+    from actatlas import open_atlas
 
-    idx = np.frombuffer(base64.b64decode(heat["idx"]), "<u2").reshape(heat["m"], heat["k"])
-    val = np.frombuffer(base64.b64decode(heat["val"]), "<f2").reshape(heat["m"], heat["k"]).astype(np.float32)
-    # the strongest entry of each cell matches the exported top-1 when that is positive
-    for c in range(heat["m"]):
-        if d["v"][c * 5] > 0 and abs(d["v"][c * 5]) >= np.abs(val[c]).max() * 0.999:
-            assert idx[c, 0] == d["t"][c * 5]
-    assert len(heat["pos"]) == 10 and all(p >= 0 for p in heat["pos"])
+    ch = man["layers"][0]["class_heat"]
+    assert ch["levels"] == [2, 4, 8] and ch["cells"][-1] == len(src)
+    atlas = open_atlas(run_dir)
+    for c in range(10):
+        buf = (site / ch["url"].replace("{c}", str(c))).read_bytes()
+        assert len(buf) == 8 * 3 + sum(ch["cells"])
+        pos = np.frombuffer(buf[:24], "<f4")[0::2]
+        q = np.frombuffer(buf[24 + sum(ch["cells"][:2]):], np.int8)
+        np.testing.assert_allclose(np.maximum(q, 0) / 127, atlas.class_heat(c, 8), atol=0.5 / 127 + 1e-6)
+        assert pos[2] == pytest.approx(max(0.0, float(atlas.class_heat(c, 8, mode="attribution").max())), rel=1e-6)
+    # the exported top-1 is each cell's winner over all classes
+    assert [t for t in d["t"][0::5]] == d["w"]
 
 
 def test_patch_box_stays_inside():

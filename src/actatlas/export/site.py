@@ -5,7 +5,7 @@ Layout of an exported site ``SITE/``::
     index.html  viewer.js  viewer.css      the viewer (from ``actatlas/export/static``)
     manifest.json                          layers, levels, class names, icon size, sample counts
     data/<layer>/level-<G>.json            cells of one level, columnar, compact keys (below)
-    data/<layer>/level-<G>-heat.json       class attributions for the class heatmap (below)
+    data/<layer>/class-heat/<c>.bin        class c's heat over every cell of every level (below)
     data/<layer>/level-<G>/icons-<tx>-<ty>.png    icon sprite sheets, one per tile of T x T cells
     data/<layer>/level-<G>/patches-<k>.png        member image patches, sprite sheets of fixed capacity
 
@@ -14,16 +14,24 @@ Cell JSON (one entry per kept cell, all arrays of length m): ``i``, ``j`` grid c
 padded), ``v`` their mean attribution values, ``f`` icon fidelity, ``mf`` best real member
 fidelity, ``s`` icon sheet index (into ``sheets``) and ``k`` slot in that sheet, ``pc`` number of
 member patches. Patches of cell number c live in sheet ``c // patches.cells_per_sheet`` at slots
-``(c % cells_per_sheet) * per_cell + q``.
+``(c % cells_per_sheet) * per_cell + q``. With attributions, ``w`` / ``wn`` are each cell's top class
+/ most negative class over ALL classes (-1: none), for the viewer's "winner" filter.
 
-Heat JSON (present when the run has attributions): to keep a level of ~25k cells x 1000 classes
-small, each cell keeps only its ``K`` (default 20) classes of largest absolute mean attribution:
-``idx`` = base64 little-endian uint16 [m, K] (65535 = padding) and ``val`` = base64 float16
-[m, K]. Per-class normalisers over ALL classes are computed from the full vectors before
-truncation: ``pos[c]`` = max over cells of the attribution to c (>= 0) and ``neg[c]`` = max of its
-negation; the viewer draws ``a = max(0, f_c * sign / norm_c) * intensity`` (method.md §3.1,
-normalised per class). A class missing from a cell's top K counts as 0 there (small by
-construction).
+Class heat (format 2, present when the run has attributions): the full mean attribution of every
+class in every cell, one small binary file per class, fetched when the class is chosen (the first
+paint loads none). The manifest's layer entry has ``class_heat = {url: "data/<layer>/class-heat/{c}.bin",
+levels: [G...], cells: [m...], scale: 127}``; file c holds, for the levels in that order, first
+little-endian float32 ``pos, neg`` per level (max over the level's cells of a_c and of -a_c, >= 0),
+then int8 [m] per level: ``q = round(127 * h+) - round(127 * h-)`` where ``h+`` / ``h-`` are
+``Atlas.class_heat(c, G, mode="weighted", sign=+1 / -1)`` (a_c scaled to its own max, clipped at 0).
+So the viewer's heat for sign s is ``max(0, s * q) / 127`` and the attribution it stands for is
+``heat * (pos if s > 0 else neg)`` (method.md §3.1, normalised per class); 1000 classes x 25k cells
+is 25 MB on disk, 25 kB per class and level.
+
+Format 1 (sites exported before full class heat) kept each cell's top 20 classes by |attribution| in
+``data/<layer>/level-<G>-heat.json`` (the level entry's ``heat``: k, m, base64 uint16 ``idx`` and
+float16 ``val`` [m, k], per-class ``pos`` / ``neg``); the viewer still reads it and says in the
+legend that its heat is truncated.
 """
 
 from __future__ import annotations
@@ -41,21 +49,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..atlas import aligned_attributions, cell_winners, class_heat_values
 from ..errors import UserError
 
 STATIC_FILES = ("index.html", "viewer.js", "viewer.css")
-HEAT_K = 20
+HEAT_SCALE = 127
 SHEET_MAX_PX = 2048
 PATCH_SHEET_MAX_PX = 2048
-FORMAT = 1
+FORMAT = 2
 
 
 def _static(name: str) -> str:
     return resources.files("actatlas.export").joinpath("static", name).read_text(encoding="utf-8")
-
-
-def _b64(a: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(a).tobytes()).decode("ascii")
 
 
 class _Writer:
@@ -72,6 +77,14 @@ class _Writer:
             p = self.out / rel
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text(json.dumps(obj, separators=(",", ":")), encoding="utf-8")
+
+    def bin(self, rel: str, data: bytes) -> None:
+        if self.out is None:
+            self.files[rel] = base64.b64encode(data).decode("ascii")
+        else:
+            p = self.out / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
 
     def png(self, rel: str, img: Image.Image) -> None:
         if self.out is None:
@@ -149,9 +162,40 @@ def _icon_tile(size: int, icon: int) -> int:
     return max(1, min(size, SHEET_MAX_PX // max(1, icon)))
 
 
+def quantize_heat(att: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q int8 [classes, m], pos float32 [classes], neg float32 [classes]) of full mean attributions
+    att [m, classes]: q = round(127 h+) - round(127 h-) with h+- = ``class_heat_values(att, c,
+    "weighted", +-1)``, the numbers of ``Atlas.class_heat``; pos / neg = max of a_c / -a_c (>= 0)."""
+    att = np.asfortranarray(att, np.float32)  # contiguous columns
+    m, n = att.shape
+    q = np.empty((n, m), np.int8)
+    for c in range(n):
+        hp = class_heat_values(att, c, "weighted", 1)
+        hn = class_heat_values(att, c, "weighted", -1)
+        q[c] = np.rint(HEAT_SCALE * hp) - np.rint(HEAT_SCALE * hn)
+    pos = np.maximum(att.max(axis=0), 0) if m else np.zeros(n, np.float32)
+    neg = np.maximum((-att).max(axis=0), 0) if m else np.zeros(n, np.float32)
+    return q, pos.astype(np.float32), neg.astype(np.float32)
+
+
+def _write_class_heat(w: _Writer, layer: str, heats: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]],
+                      n_classes: int) -> dict | None:
+    """One ``data/<layer>/class-heat/<c>.bin`` per class from per-level ``(G, q, pos, neg)``
+    (`quantize_heat`); returns the manifest's ``class_heat`` entry (None without levels)."""
+    if not heats:
+        return None
+    url = f"data/{layer}/class-heat/{{c}}.bin"
+    for c in range(n_classes):
+        head = np.array([[pos[c], neg[c]] for _, _, pos, neg in heats], "<f4").tobytes()
+        w.bin(url.replace("{c}", str(c)), head + b"".join(q[c].tobytes() for _, q, _, _ in heats))
+    return {"url": url, "levels": [G for G, *_ in heats], "cells": [int(q.shape[1]) for _, q, _, _ in heats],
+            "scale": HEAT_SCALE}
+
+
 def _export_level(w: _Writer, atlas_dir: Path, layer: str, lvjson: dict, grid_level, rows, shape,
                   images: _ImageCache | None, s: int, patches_per_cell: int, patch_size: int,
-                  n_classes: int) -> dict:
+                  n_classes: int, heats: list | None = None) -> dict:
+    """Export one level; with attributions, appends ``(G, q, pos, neg)`` (`quantize_heat`) to `heats`."""
     G = int(lvjson["size"])
     icon = int(lvjson.get("icon_size") or 0)
     cells = lvjson["cells"]
@@ -241,28 +285,15 @@ def _export_level(w: _Writer, atlas_dir: Path, layer: str, lvjson: dict, grid_le
         "s": sheet_of.tolist(), "k": slot_of.tolist(), "pc": pcount.tolist(),
         "sheets": sheets, "patches": patch_info, "samples": int(sum(int(c["n"]) for c in cells)),
     }
+    # ---- class heat: the full mean attribution of every class (written per class by _write_class_heat)
+    att = aligned_attributions(grid_level, [int(c["i"]) for c in cells], [int(c["j"]) for c in cells]) \
+        if m else None
+    if att is not None and att.shape[1] == n_classes and heats is not None:
+        data["w"] = cell_winners(att, 1).tolist()
+        data["wn"] = cell_winners(att, -1).tolist()
+        heats.append((G, *quantize_heat(att)))
     w.json(f"{base}.json", data)
-    # ---- heat
-    heat_url = None
-    att = None if grid_level is None else grid_level.mean_attribution
-    if att is not None and np.size(att) and m and np.ndim(att) == 2 and att.shape[1] == n_classes:
-        att = np.asarray(att, np.float32)
-        index = {(int(a), int(b)): q for q, (a, b) in enumerate(zip(grid_level.i, grid_level.j))}
-        order = np.array([index.get((int(c["i"]), int(c["j"])), -1) for c in cells])
-        full = np.zeros((m, n_classes), np.float32)
-        ok = order >= 0
-        full[ok] = att[order[ok]]
-        K = min(HEAT_K, n_classes)
-        idx = np.argsort(-np.abs(full), axis=1, kind="stable")[:, :K]
-        val = np.take_along_axis(full, idx, axis=1)
-        idx = idx.astype("<u2")
-        pos = np.maximum(full.max(axis=0), 0)
-        neg = np.maximum((-full).max(axis=0), 0)
-        heat_url = f"{base}-heat.json"
-        w.json(heat_url, {"k": K, "m": m, "idx": _b64(idx), "val": _b64(val.astype("<f2")),
-                          "pos": [float(f"{x:.4g}") for x in pos], "neg": [float(f"{x:.4g}") for x in neg]})
-    return {"size": G, "cells": m, "url": f"{base}.json", "heat": heat_url, "icon": icon,
-            "samples": data["samples"]}
+    return {"size": G, "cells": m, "url": f"{base}.json", "icon": icon, "samples": data["samples"]}
 
 
 def _provenance(run, layer: str, subset=None):
@@ -287,13 +318,17 @@ def _export_layer(w: _Writer, adir: Path, layer: str, grids: dict, rows, shape, 
     icons); returns the manifest's entry for the layer (with its largest icon size under "icon")."""
     meta = json.loads((adir / "atlas.json").read_text())
     use_images = images if rows is not None and shape is not None and len(shape) == 3 else None
-    levels = []
+    levels, heats = [], []
     for G in meta["levels"]:
         lvjson = json.loads((adir / f"level-{G}.json").read_text())
         levels.append(_export_level(w, adir, layer, lvjson, grids.get(int(G)), rows, shape, use_images, s,
-                                    patches_per_cell, patch_size, n_classes))
-    return {"name": layer, "levels": levels, "total_samples": max([lv["samples"] for lv in levels] or [0]),
-            "icon": max([lv["icon"] for lv in levels] or [0])}
+                                    patches_per_cell, patch_size, n_classes, heats))
+    entry = {"name": layer, "levels": levels, "total_samples": max([lv["samples"] for lv in levels] or [0]),
+             "icon": max([lv["icon"] for lv in levels] or [0])}
+    class_heat = _write_class_heat(w, layer, heats, n_classes)
+    if class_heat is not None:
+        entry["class_heat"] = class_heat
+    return entry
 
 
 def _build(run_dir: Path, w: _Writer, layers, patches_per_cell: int, patch_size: int) -> dict:
