@@ -18,6 +18,17 @@
       return r.json();
     });
   }
+  // an ArrayBuffer: a fetched binary file, or its base64 text in the single-file bundle
+  function getBinary(url) {
+    if (BUNDLE) {
+      if (!(url in BUNDLE)) return Promise.reject(new Error("missing " + url));
+      return Promise.resolve(b64bytes(BUNDLE[url]));
+    }
+    return fetch(url).then(function (r) {
+      if (!r.ok) throw new Error(url + ": HTTP " + r.status);
+      return r.arrayBuffer();
+    });
+  }
 
   var images = new Map();
   var pendingImages = 0;
@@ -49,6 +60,12 @@
     if (e === 31) return f ? NaN : s * Infinity;
     return s * Math.pow(2, e - 15) * (1 + f / 1024);
   }
+  function fmtTick(x) {
+    if (!isFinite(x) || x === 0) return "0";
+    var a = Math.abs(x);
+    if (a < 1e-3 || a >= 1e4) return x.toExponential(1).replace("e-", "e\u2212").replace("-", "\u2212");
+    return String(Number(x.toPrecision(2))).replace("-", "\u2212");
+  }
   function fmt(x) {
     if (x === null || x === undefined || !isFinite(x)) return "–";
     var a = Math.abs(x);
@@ -71,8 +88,10 @@
   var view = { x: 0.5, y: 0.5, z: 1 }, target = { x: 0.5, y: 0.5, z: 1 };
   var W = 1, H = 1, dpr = 1, zmin = 0.5, zmax = 48;
   var hover = -1, selected = -1, cls = -1, sign = 1, intensity = 1, density = 1, showLabels = true, showTips = true;
+  var filterMode = "weighted";      // class view: "weighted" by the class's attribution, or "winner" cells only
   var stats = { ready: false, layer: null, level: 0, drawn: 0, cells: 0, composite: false, drawMs: 0, frames: 0,
-                pending: 0, cls: -1, error: null };
+                pending: 0, cls: -1, error: null, filter: "weighted", sign: 1, heatCells: null, heatShown: null,
+                heatMax: null, heatFormat: null, classError: null };
   var drawQueued = false, animating = false, lastLevelObj = null;
 
   function base() { return Math.min(W, H); }
@@ -85,7 +104,7 @@
     var key = layer.name + "|" + entry.size;
     var L = levels.get(key);
     if (L) return L;
-    L = { G: entry.size, entry: entry, ready: false, layer: layer.name };
+    L = { G: entry.size, entry: entry, ready: false, layer: layer.name, layerEntry: layer };
     levels.set(key, L);
     getJSON(entry.url).then(function (d) {
       var m = d.i.length, G = d.size;
@@ -99,6 +118,29 @@
     }).catch(fail);
     return L;
   }
+  // ---- class heat, format 2: one binary file per class (see export/site.py), fetched on demand
+  var classFiles = new Map();       // "layer|c" -> {ready, failed, pos[], neg[], q[] (Int8Array per level)}
+  function classFile(le, c) {
+    var key = le.name + "|" + c, F = classFiles.get(key);
+    if (F) return F;
+    var ch = le.class_heat;
+    F = { ready: false, failed: false };
+    classFiles.set(key, F);
+    getBinary(ch.url.replace("{c}", String(c))).then(function (buf) {
+      var nl = ch.levels.length, dv = new DataView(buf), off = 8 * nl;
+      F.pos = []; F.neg = []; F.q = [];
+      for (var l = 0; l < nl; l++) {
+        F.pos.push(dv.getFloat32(8 * l, true)); F.neg.push(dv.getFloat32(8 * l + 4, true));
+        F.q.push(new Int8Array(buf, off, ch.cells[l]));
+        off += ch.cells[l];
+      }
+      if (off > buf.byteLength) throw new Error("class heat file of class " + c + " is truncated");
+      F.ready = true;
+      requestDraw();
+    }).catch(function (err) { F.failed = true; F.error = String(err && err.message || err); requestDraw(); });
+    return F;
+  }
+  // ---- format 1 (sites exported before full class heat): each cell's top-K classes only
   function loadHeat(L) {
     if (L.heat || L.heatLoading || !L.entry.heat) return;
     L.heatLoading = true;
@@ -106,28 +148,56 @@
       var idx = new Uint16Array(b64bytes(h.idx)), raw = new Uint16Array(b64bytes(h.val));
       var val = new Float32Array(raw.length);
       for (var q = 0; q < raw.length; q++) val[q] = f16(raw[q]);
-      L.heat = { k: h.k, idx: idx, val: val, pos: h.pos, neg: h.neg, cache: new Map() };
+      L.heat = { k: h.k, idx: idx, val: val, pos: h.pos, neg: h.neg };
       requestDraw();
     }).catch(fail);
   }
-  // normalised heat of the current class for each cell of L, or null while loading
-  function heatOf(L) {
-    if (cls < 0) return null;
+  function truncatedHeat(L) {
     if (!L.heat) { loadHeat(L); return null; }
-    var key = cls + "|" + sign;
-    var hv = L.heat.cache.get(key);
-    if (hv) return hv;
-    var K = L.heat.k, m = L.m, out = new Float32Array(m);
-    var norm = sign > 0 ? L.heat.pos[cls] : L.heat.neg[cls];
-    if (norm > 0) {
-      for (var c = 0; c < m; c++) {
-        for (var q = 0; q < K; q++) {
-          if (L.heat.idx[c * K + q] === cls) { out[c] = Math.max(0, sign * L.heat.val[c * K + q] / norm); break; }
-        }
+    var H = L.heat, K = H.k, m = L.m, heat = new Float32Array(m), attr = new Float32Array(m);
+    var norm = sign > 0 ? H.pos[cls] : H.neg[cls];
+    for (var c = 0; c < m; c++) {
+      var best = -Infinity, bestId = -1;
+      for (var q = 0; q < K; q++) {
+        var id = H.idx[c * K + q], v = H.val[c * K + q];
+        if (id === 65535) continue;
+        if (id === cls) attr[c] = v;
+        if (sign * v > best) { best = sign * v; bestId = id; }
       }
+      if (filterMode === "winner") heat[c] = bestId === cls && best > 0 ? 1 : 0;
+      else heat[c] = norm > 0 ? Math.max(0, sign * attr[c] / norm) : 0;
     }
-    L.heat.cache.set(key, out);
-    return out;
+    return { heat: heat, attr: attr, max: norm, truncated: K };
+  }
+  function fullHeat(L) {
+    var ch = L.layerEntry.class_heat, li = ch.levels.indexOf(L.G);
+    if (li < 0 || ch.cells[li] !== L.m) return { heat: null, note: "no class data at this level" };
+    var F = classFile(L.layerEntry, cls);
+    if (F.failed) return { heat: null, note: "could not load the class heat: " + F.error };
+    if (!F.ready) return null;
+    var q = F.q[li], m = L.m, heat = new Float32Array(m), attr = new Float32Array(m), sc = ch.scale;
+    var pos = F.pos[li], neg = F.neg[li], win = sign > 0 ? L.d.w : L.d.wn;
+    for (var c = 0; c < m; c++) {
+      var v = q[c];
+      attr[c] = v > 0 ? v / sc * pos : v / sc * neg;
+      if (filterMode === "winner") heat[c] = win && win[c] === cls ? 1 : 0;
+      else heat[c] = sign * v > 0 ? sign * v / sc : 0;
+    }
+    return { heat: heat, attr: attr, max: sign > 0 ? pos : neg, truncated: 0 };
+  }
+  // the class view of level L: {heat: Float32Array [m] in [0, 1] or null, attr, max, cells, truncated, note},
+  // or null while its data loads
+  function heatInfo(L) {
+    if (cls < 0) return null;
+    var key = cls + "|" + sign + "|" + filterMode;
+    if (L.heatKey === key) return L.heatVal;
+    var r = L.layerEntry.class_heat ? fullHeat(L)
+      : L.entry.heat ? truncatedHeat(L) : { heat: null, note: "this export has no class data" };
+    if (!r) return null;
+    r.key = key; r.cells = 0;
+    if (r.heat) for (var c = 0; c < L.m; c++) if (r.heat[c] > 0.1) r.cells++;
+    L.heatKey = key; L.heatVal = r;
+    return r;
   }
   function iconSrc(L, c) {
     var d = L.d, sh = d.sheets[d.s[c]], slot = d.k[c], ic = d.icon;
@@ -179,7 +249,7 @@
   function compPx(L) { return Math.max(1, Math.min(L.icon, Math.floor(4096 / L.G))); }
   function compositeFor(L, heat) {
     // all cells of L drawn once into an offscreen canvas; reused while many cells are visible
-    var key = (heat ? cls + "|" + sign + "|" + intensity : "-") + "|" + density + "|" + loadedImages;
+    var key = (heat ? cls + "|" + sign + "|" + filterMode + "|" + intensity : "-") + "|" + density + "|" + loadedImages;
     if (L.comp && L.compKey === key) return L.comp;
     var d = L.d, G = L.G, cp = compPx(L);
     for (var s = 0; s < d.sheets.length; s++) {
@@ -203,14 +273,32 @@
     var sz = cell * rel, off = (cell - sz) / 2;
     var crop = Math.min(8 / Math.max(sz, 1), 0.6) * src[3] / 2;
     if (heat) {
-      var a = Math.min(1, heat[c] * intensity);
-      g.fillStyle = "#fff";
+      // class view: a frame in the legend's colour, the icon faded to white by the same amount
+      var a = Math.min(1, heat[c] * intensity), fw = sz >= 8 ? Math.max(1, Math.min(4, sz * 0.08)) : 0;
+      g.fillStyle = ramp(a);
       g.fillRect(x + off, y + off, sz, sz);
+      if (fw) { g.fillStyle = "#fff"; g.fillRect(x + off + fw, y + off + fw, sz - 2 * fw, sz - 2 * fw); }
       g.globalAlpha = Math.max(0.06, a);
+      g.drawImage(src[0].img, src[1] + crop, src[2] + crop, src[3] - 2 * crop, src[3] - 2 * crop,
+                  x + off + fw, y + off + fw, sz - 2 * fw, sz - 2 * fw);
+      g.globalAlpha = 1;
+      return true;
     }
     g.drawImage(src[0].img, src[1] + crop, src[2] + crop, src[3] - 2 * crop, src[3] - 2 * crop, x + off, y + off, sz, sz);
-    if (heat) g.globalAlpha = 1;
     return true;
+  }
+  // colour scale of the class view (ColorBrewer Oranges for positive, Blues for negative influence)
+  var RAMPS = { "1": [[255, 255, 255], [253, 174, 107], [217, 72, 1]], "-1": [[255, 255, 255], [107, 174, 214], [8, 81, 156]] };
+  var rampCache = {};
+  function rampRGB(t, sg) {
+    var st = RAMPS[sg > 0 ? "1" : "-1"], u = Math.max(0, Math.min(1, t)) * 2, k0 = Math.min(1, Math.floor(u)), f = u - k0;
+    return [0, 1, 2].map(function (q) { return Math.round(st[k0][q] + (st[k0 + 1][q] - st[k0][q]) * f); });
+  }
+  function ramp(t) {
+    var key = sign + ":" + Math.round(Math.max(0, Math.min(1, t)) * 100);
+    var v = rampCache[key];
+    if (!v) { var c = rampRGB(Math.round(t * 100) / 100, sign); v = rampCache[key] = "rgb(" + c.join(",") + ")"; }
+    return v;
   }
 
   function draw() {
@@ -221,7 +309,7 @@
     var L = layer ? currentLevel() : null;
     if (!L) { stats.drawn = 0; return; }
     var d = L.d, G = L.G, cell = k() / G;
-    var heat = heatOf(L);
+    var hinfo = heatInfo(L), heat = hinfo ? hinfo.heat : null;
     var w0 = toWorld(0, 0), w1 = toWorld(W, H);
     var c0 = Math.max(0, Math.floor(w0[0] * G)), c1 = Math.min(G - 1, Math.floor(w1[0] * G));
     var r0 = Math.max(0, Math.floor(w0[1] * G)), r1 = Math.min(G - 1, Math.floor(w1[1] * G));
@@ -266,6 +354,11 @@
       ctx.strokeRect(s3[0], s3[1], cell, cell);
     });
     stats.level = G; stats.drawn = drawn; stats.cells = L.m; stats.layer = layer.name; stats.cls = cls;
+    stats.filter = filterMode; stats.sign = sign;
+    stats.heatCells = heat ? hinfo.cells : null; stats.heatShown = heat ? hinfo.key : null;
+    stats.heatMax = heat ? hinfo.max : null;
+    stats.heatFormat = cls < 0 ? null : layer.class_heat ? "full" : (L.entry.heat ? "truncated" : "none");
+    drawLegend(L, hinfo);
     stats.pending = pendingImages;
     stats.zoom = view.z; stats.cellPx = cell;
     if (!stats.ready && drawn > 0 && pendingImages === 0) { stats.ready = true; $("status").textContent = ""; }
@@ -273,6 +366,49 @@
     $("loc").textContent = "x " + view.x.toFixed(3) + "  y " + view.y.toFixed(3) + "  zoom " + view.z.toFixed(2) +
       "  grid " + G + "\u00d7" + G;
     stats.drawMs = performance.now() - t0;
+  }
+
+  // ------------------------------------------------------------------ legend of the class view
+  var legendKey = "";
+  function drawLegend(L, hinfo) {
+    var el = $("legend");
+    var key = cls < 0 ? "" : [layer.name, L.G, cls, sign, filterMode, intensity, hinfo ? hinfo.key : "loading",
+                              hinfo && hinfo.note].join("|");
+    if (key === legendKey) return;
+    legendKey = key;
+    if (cls < 0) { el.hidden = true; el.innerHTML = ""; return; }
+    var infl = sign > 0 ? "positive influence" : "negative influence";
+    var html = '<div class="lg-title">' + esc(names[cls]) + "</div>" +
+      '<div class="lg-sub">' + infl + " \u00b7 " + (filterMode === "winner" ? "winner" : "weighted") + " \u00b7 grid " +
+      L.G + "\u00d7" + L.G + "</div>";
+    if (!hinfo) html += '<div class="lg-note">loading class heat\u2026</div>';
+    else if (!hinfo.heat) html += '<div class="lg-note">' + esc(hinfo.note || "no class data") + "</div>";
+    else if (filterMode === "winner") {
+      html += '<div class="lg-row"><span class="sw" style="background:' + ramp(1) + '"></span><span>' +
+        (sign > 0 ? "top class is " : "most negative class is ") + esc(names[cls]) + ' (<b id="lg-count">' +
+        hinfo.cells + "</b> of " + L.m + " cells)</span></div>" +
+        '<div class="lg-row"><span class="sw" style="background:#fff"></span><span>other cells (faded)</span></div>';
+    } else {
+      var stops = [];
+      for (var q = 0; q <= 10; q++) stops.push(ramp(q / 10) + " " + q * 10 + "%");
+      var ticks = [];
+      for (var t = 0; t <= 4; t++) {
+        var v = sign * hinfo.max * (t / 4) / intensity;
+        ticks.push("<span>" + (t === 4 && intensity > 1 ? "\u2265" : "") + fmtTick(v) + "</span>");
+      }
+      html += '<div class="lg-bar" style="background:linear-gradient(to right,' + stops.join(",") + ')"></div>' +
+        '<div class="lg-ticks">' + ticks.join("") + "</div>" +
+        '<div class="lg-note">mean attribution per cell, scaled to the class\u2019s ' +
+        (sign > 0 ? "largest" : "most negative") + ' value on this grid; <b id="lg-count">' + hinfo.cells + "</b> of " +
+        L.m + " cells above 10 %</div>";
+    }
+    if (hinfo && hinfo.truncated) {
+      html += '<div class="lg-warn" id="lg-truncated">This site was exported before full class heat: it keeps only ' +
+        "each cell's top " + hinfo.truncated + " classes, so a cell where the class ranks lower shows as 0. " +
+        "Export the run again to see every class in every cell.</div>";
+    }
+    el.innerHTML = html;
+    el.hidden = false;
   }
 
   function drawLabels(L, c0, c1, r0, r1, cell) {
@@ -364,7 +500,7 @@
   function hashString() {
     var p = ["layer=" + encodeURIComponent(layer.name), "level=" + levelMode, "x=" + view.x.toFixed(4),
              "y=" + view.y.toFixed(4), "z=" + view.z.toFixed(3)];
-    if (cls >= 0) p.push("class=" + encodeURIComponent(names[cls]), "sign=" + sign);
+    if (cls >= 0) p.push("class=" + encodeURIComponent(names[cls]), "sign=" + sign, "filter=" + filterMode);
     return "#" + p.join("&");
   }
   function writeHash() {
@@ -389,8 +525,13 @@
       if (li >= 0) setLayer(li);
     }
     if (h.level) { levelMode = h.level; $("level").value = h.level; if ($("level").value !== h.level) levelMode = "auto"; }
-    if (h["class"] !== undefined) setClass(nameIndex.has(h["class"].toLowerCase()) ? nameIndex.get(h["class"].toLowerCase()) : -1);
     if (h.sign) { sign = h.sign === "-1" ? -1 : 1; $("sign").value = String(sign); }
+    if (h.filter) setFilter(h.filter === "winner" ? "winner" : "weighted");
+    if (h["class"] !== undefined) {
+      var c = lookupClass(h["class"]);
+      if (c >= 0 || !h["class"].trim()) setClass(c);
+      else { setClass(-1); $("cls").value = h["class"]; unknownClass(h["class"]); }
+    }
     var x = parseFloat(h.x), y = parseFloat(h.y), z = parseFloat(h.z);
     if (isFinite(x) && isFinite(y) && isFinite(z)) setTarget(x, y, z, false);
     applyingHash = false;
@@ -414,8 +555,90 @@
   function setClass(c) {
     cls = c;
     $("cls").value = c >= 0 ? names[c] : "";
+    clearClassMessage();
     document.body.classList.toggle("heat", c >= 0);
     requestDraw(); scheduleHash();
+  }
+  function setFilter(mode) {
+    filterMode = mode === "winner" ? "winner" : "weighted";
+    var r = document.querySelector('input[name="filter"][value="' + filterMode + '"]');
+    if (r) r.checked = true;
+    requestDraw(); scheduleHash();
+  }
+  function normName(x) { return String(x).toLowerCase().replace(/_/g, " ").trim(); }
+  function lookupClass(text) {
+    var v = normName(text);
+    if (!v) return -1;
+    if (nameIndex.has(v)) return nameIndex.get(v);
+    if (/^\d+$/.test(v) && +v < names.length) return +v;
+    return -1;
+  }
+  // Python's difflib.SequenceMatcher(None, a, b).ratio() (no junk: names are < 200 characters)
+  function seqRatio(a, b) {
+    if (!a.length && !b.length) return 1;
+    var b2j = new Map();
+    for (var j = 0; j < b.length; j++) { var e = b2j.get(b[j]); if (!e) b2j.set(b[j], e = []); e.push(j); }
+    function longest(alo, ahi, blo, bhi) {
+      var bi = alo, bj = blo, bs = 0, j2len = new Map();
+      for (var i = alo; i < ahi; i++) {
+        var nj = new Map(), js = b2j.get(a[i]) || [];
+        for (var q = 0; q < js.length; q++) {
+          var jj = js[q];
+          if (jj < blo) continue;
+          if (jj >= bhi) break;
+          var kk = (j2len.get(jj - 1) || 0) + 1;
+          nj.set(jj, kk);
+          if (kk > bs) { bi = i - kk + 1; bj = jj - kk + 1; bs = kk; }
+        }
+        j2len = nj;
+      }
+      return [bi, bj, bs];
+    }
+    var queue = [[0, a.length, 0, b.length]], matched = 0;
+    while (queue.length) {
+      var t = queue.pop(), x = longest(t[0], t[1], t[2], t[3]);
+      if (!x[2]) continue;
+      matched += x[2];
+      if (t[0] < x[0] && t[2] < x[1]) queue.push([t[0], x[0], t[2], x[1]]);
+      if (x[0] + x[2] < t[1] && x[1] + x[2] < t[3]) queue.push([x[0] + x[2], t[1], x[1] + x[2], t[3]]);
+    }
+    return 2 * matched / (a.length + b.length);
+  }
+  // close class names as the CLI suggests them (difflib.get_close_matches(word, names, n=5, cutoff=0.6) on
+  // lower-cased names); names containing the text when difflib finds none
+  function suggest(text, n) {
+    n = n || 5;
+    var w = normName(text), scored = [], seen = new Set();
+    if (!w) return [];
+    names.forEach(function (nm) {
+      var x = normName(nm);
+      if (seen.has(x)) return;
+      seen.add(x);
+      var la = x.length, lb = w.length;
+      if (2 * Math.min(la, lb) / (la + lb) < 0.6) return;   // real_quick_ratio
+      var r = seqRatio(x, w);
+      if (r >= 0.6) scored.push([r, x]);
+    });
+    scored.sort(function (p, q) { return q[0] - p[0] || (q[1] > p[1] ? 1 : q[1] < p[1] ? -1 : 0); });
+    var out = scored.slice(0, n).map(function (p) { return p[1]; });
+    if (!out.length) names.forEach(function (nm) { var x = normName(nm); if (out.length < n && x.indexOf(w) >= 0 && out.indexOf(x) < 0) out.push(x); });
+    return out.map(function (x) { return names[nameIndex.get(x)]; });
+  }
+  function clearClassMessage() {
+    var m = $("clsmsg");
+    m.hidden = true; m.innerHTML = "";
+    $("cls").removeAttribute("aria-invalid");
+    stats.classError = null;
+  }
+  function unknownClass(text) {
+    var m = $("clsmsg"), close = suggest(text);
+    stats.classError = "unknown class \u201c" + text + "\u201d";
+    m.innerHTML = "unknown class \u201c" + esc(text) + "\u201d" + (close.length ? "; did you mean: " + close.map(function (nm) {
+      return '<button type="button" class="sugg" data-class="' + esc(nm) + '">' + esc(nm) + "</button>";
+    }).join(" ") + "?" : " (no similar class names)");
+    m.hidden = false;
+    $("cls").setAttribute("aria-invalid", "true");
+    requestDraw();
   }
 
   function cellAtScreen(sx, sy) {
@@ -437,8 +660,13 @@
   function showTooltip(c, sx, sy) {
     var tip = $("tooltip"), L = currentLevel();
     if (c < 0 || !L || !showTips) { tip.hidden = true; return; }
+    var hinfo = heatInfo(L), extra = "";
+    if (hinfo && hinfo.heat) {
+      extra = '<div class="hrow">' + esc(names[cls]) + ": " + fmt(hinfo.attr[c]) + (filterMode === "winner" ?
+        (hinfo.heat[c] > 0 ? " (winner)" : "") : " (" + Math.round(hinfo.heat[c] * 100) + " % of max)") + "</div>";
+    }
     tip.innerHTML = "<table>" + topRows(L, c, 5) + '</table><div class="avg">Average of ' + L.d.n[c] +
-      " activations</div>";
+      " activations</div>" + extra;
     tip.hidden = false;
     var tw = tip.offsetWidth, th = tip.offsetHeight;
     tip.style.left = Math.min(W - tw - 4, sx + 14) + "px";
@@ -576,13 +804,25 @@
     if (li >= 0) setLayer(li);
   });
   $("level").addEventListener("change", function () { levelMode = $("level").value; requestDraw(); scheduleHash(); });
-  function classFromInput() {
-    var v = $("cls").value.trim().toLowerCase();
-    if (!v) { setClass(-1); return; }
-    if (nameIndex.has(v)) setClass(nameIndex.get(v));
+  // typing: a class is shown as soon as the text names one; Enter / leaving the box with an unknown name says so
+  function classFromInput(e) {
+    var text = $("cls").value;
+    if (!text.trim()) { setClass(-1); return; }
+    var c = lookupClass(text);
+    if (c >= 0) { if (c !== cls || $("cls").value !== names[c]) setClass(c); }
+    else if (e.type === "change") unknownClass(text.trim());
+    else clearClassMessage();
   }
   $("cls").addEventListener("change", classFromInput);
   $("cls").addEventListener("input", classFromInput);
+  $("cls").addEventListener("keydown", function (e) { if (e.key === "Enter") classFromInput({ type: "change" }); });
+  $("clsmsg").addEventListener("click", function (e) {
+    var b = e.target.closest && e.target.closest("button.sugg");
+    if (b) setClass(lookupClass(b.dataset["class"]));
+  });
+  Array.prototype.forEach.call(document.querySelectorAll('input[name="filter"]'), function (r) {
+    r.addEventListener("change", function () { if (r.checked) setFilter(r.value); });
+  });
   $("clsclear").addEventListener("click", function () { setClass(-1); });
   $("sign").addEventListener("change", function () { sign = $("sign").value === "-1" ? -1 : 1; requestDraw(); scheduleHash(); });
   $("intensity").addEventListener("input", function () { intensity = parseFloat($("intensity").value) || 1; requestDraw(); });
@@ -604,9 +844,20 @@
     $("status").textContent = "error: " + stats.error;
     if (window.console) console.error(err);
   }
+  // a multi-file export opened from disk: browsers refuse to read its data files from file://
+  function diskHelp() {
+    var dir = decodeURIComponent(location.pathname).replace(/[^/]*$/, "");
+    if (/^\/[A-Za-z]:\//.test(dir)) dir = dir.slice(1);
+    stats.error = "opened from disk (file://): serve the folder or export a single file";
+    $("status").textContent = "";
+    $("diskdir").textContent = dir || ".";
+    $("diskhelp").hidden = false;
+    document.body.classList.add("ondisk");
+  }
 
   // read-only debug/test hooks
   window.atlasViewer = Object.freeze({
+    suggest: function (text) { return suggest(text); },
     get stats() { return Object.assign({}, stats); },
     get view() { return { x: view.x, y: view.y, z: view.z, level: levelMode }; },
     hash: function () { return hashString(); },
@@ -629,10 +880,12 @@
     $("layer").innerHTML = m.layers.map(function (l) { return "<option>" + esc(l.name) + "</option>"; }).join("");
     $("layer").disabled = m.layers.length < 2;
     $("classlist").innerHTML = names.map(function (n) { return '<option value="' + esc(n) + '">'; }).join("");
-    var anyHeat = m.layers.some(function (l) { return l.levels.some(function (e) { return !!e.heat; }); });
+    var anyHeat = m.layers.some(function (l) { return !!l.class_heat || l.levels.some(function (e) { return !!e.heat; }); });
     if (!anyHeat) $("classfilter").hidden = true;
     setLayer(0);
     applyHash();
     requestDraw();
-  }).catch(fail);
+  }).catch(function (err) {
+    if (!BUNDLE && !manifest && location.protocol === "file:") diskHelp(); else fail(err);
+  });
 })();
