@@ -263,10 +263,10 @@ def test_second_concurrent_collect_is_refused(tmp_path):
     out = tmp_path / "run"
     proc = _start(_collect_args(folder, out))
     try:
-        assert _wait_for(lambda: (out / "collect" / ".lock").exists() and (out / "manifest.json").exists())
+        assert _wait_for(lambda: (out / ".lock").exists() and (out / "manifest.json").exists())
         second = cli(*_collect_args(folder, out))
         assert second.returncode == 2
-        assert "already writing" in second.stderr and "Traceback" not in second.stderr
+        assert "is writing into" in second.stderr and "Traceback" not in second.stderr
     finally:
         proc.kill()
         proc.wait(30)

@@ -77,3 +77,8 @@ def slow_tiny_cnn(num_classes: int = 10, delay: float = 0.05) -> ModelSpec:
     spec.name = "tinymodels:slow_tiny_cnn"
     spec.module.register_forward_pre_hook(lambda mod, inp: time.sleep(delay))
     return spec
+
+
+def broken_factory(num_classes: int = 10) -> ModelSpec:
+    """A user factory that fails (for the CLI's one-line error on a raising ``module:factory``)."""
+    raise RuntimeError("checkpoint shape mismatch in layer 3\nmore detail on a second line")

@@ -26,6 +26,9 @@ def _add_model_args(p: argparse.ArgumentParser, default: str | None = "efficient
     p.add_argument("--sha256", help="expected sha256 of --weights when it is a URL")
     p.add_argument("--labels", help="class labels file for models that take one (inceptionv1: one "
                                     "'wnid name' or 'name' line per logit, Lucid's order)")
+    p.add_argument("--allow-random-weights", action="store_true",
+                   help="allow a model whose weights are random (inceptionv1 without --weights): for smoke "
+                        "tests only, its activations and icons mean nothing")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -42,6 +45,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON summary object on the last line")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.add_argument("--verbose", "-v", action="store_true", help="log more")
+
+
+def _add_max_pixels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-pixels", type=int, default=50_000_000, metavar="N",
+                   help="skip (and count as unreadable) an image whose header says it has more than N pixels, "
+                        "before decoding it (default: %(default)s; 0: no cap of ours)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--shard-size", type=int, default=256, help="images per committed shard (unit of resume)")
     p.add_argument("--loader-threads", type=int, default=2, help="threads decoding images")
+    _add_max_pixels(p)
     p.add_argument("--float16", action="store_true", help="store activations as float16")
     p.add_argument("--amp", action="store_true",
                    help="mixed-precision forward (float16 on CUDA, bfloat16 on CPU) for --attributions none; "
@@ -100,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--loader-threads", type=int, default=2)
+    _add_max_pixels(p)
     _add_common(p)
     p = sub.add_parser("layout", help="2-D layout (UMAP by default) of a collected layer")
     p.add_argument("run", help="run directory")
@@ -128,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="use only the first N images")
     p.add_argument("--per-image", type=int, default=1, help="random positions per image")
     p.add_argument("--batch-size-collect", type=int, default=32, dest="collect_batch_size")
+    _add_max_pixels(p)
     p.add_argument("--smooth-maxpool", action="store_true",
                    help="attributions through max-pools use the article's smooth relaxation of the max-pool "
                         "gradient (InceptionV1; method.md 1.3)")
@@ -206,10 +218,40 @@ def _layout_cfg(args):
 
 
 def _levels(args) -> list[int]:
+    return parse_levels(args.levels)
+
+
+def parse_levels(text: str) -> list[int]:
+    """'10,20,40' -> [10, 20, 40]. Empty items, non-integers and sizes < 1 are refused; sizes given
+    out of order or twice are sorted and deduplicated with a warning."""
+    items = [x.strip() for x in str(text).split(",")]
+    if not text or any(not x for x in items):
+        raise UserError(f"--levels must be comma-separated grid sizes such as 10,20,40, not {text!r} "
+                        "(empty item)")
     try:
-        return [int(x) for x in args.levels.split(",") if x.strip()]
+        sizes = [int(x) for x in items]
     except ValueError:
-        raise UserError(f"--levels must be comma-separated integers, not {args.levels!r}") from None
+        raise UserError(f"--levels must be comma-separated integers, not {text!r}") from None
+    if min(sizes) < 1:
+        raise UserError(f"--levels sizes must be >= 1, not {text!r}")
+    ordered = sorted(set(sizes))
+    if ordered != sizes:
+        log.warning("--levels %s given out of order or with repeats; building levels %s (coarse to fine)",
+                    text, ",".join(map(str, ordered)))
+    return ordered
+
+
+def parse_layers(text: str | None) -> tuple[str, ...] | None:
+    """'a,b' -> ('a', 'b'); None -> None (the model's default). An empty list or item is refused."""
+    if text is None:
+        return None
+    items = tuple(x.strip() for x in text.split(","))
+    if not any(items):
+        raise UserError("--layers is empty: give layer names or aliases (see 'actatlas layers MODEL'), "
+                        "or omit it for the model's default layer")
+    if not all(items):
+        raise UserError(f"--layers {text!r} has an empty item")
+    return items
 
 
 def _render_cfg(args):
@@ -217,6 +259,8 @@ def _render_cfg(args):
 
     from .render import RenderConfig
 
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps {args.steps}: icons need at least 1 optimisation step (valid: 1..100000)")
     cfg = RenderConfig.article() if args.article else RenderConfig.cpu_default()
     over = {"steps": args.steps, "attempts": args.attempts, "icon_size": args.icon_size,
             "batch_size": args.icon_batch, "objective": args.objective, "power": args.power,
@@ -225,7 +269,12 @@ def _render_cfg(args):
         cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None},
                                   seed=args.seed, device=args.device)
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        msg = str(exc)
+        for field_name, flag in (("icon_size", "--icon-size"), ("batch_size", "--icon-batch"),
+                                 ("steps", "--steps"), ("attempts", "--attempts"), ("power", "--power"),
+                                 ("transforms", "--transforms"), ("objective", "--objective")):
+            msg = msg.replace(field_name, flag)
+        raise UserError(msg) from None
     if args.no_whiten:
         cfg = dataclasses.replace(cfg, whiten=False)
     return cfg
@@ -245,7 +294,21 @@ def _load(args):
         from .devices import resolve_device
 
         resolve_device(device)
-    return load_model(args.model, weights=args.weights, sha256=args.sha256, device=device, **_model_kwargs(args))
+    spec = load_model(args.model, weights=args.weights, sha256=args.sha256, device=device, **_model_kwargs(args))
+    check_random_weights(spec, getattr(args, "allow_random_weights", False))
+    return spec
+
+
+def check_random_weights(spec, allowed: bool) -> None:
+    """Refuse a model built with random weights unless the user asked for it (a smoke test)."""
+    init = str(spec.info.get("init", ""))
+    if not init.startswith("random"):
+        return
+    if not allowed:
+        raise UserError(f"{spec.name} has no --weights, so its weights would be RANDOM and every activation, "
+                        "icon and attack meaningless; pass --weights FILE_OR_URL, or --allow-random-weights "
+                        "for a smoke test")
+    log.warning("%s runs with RANDOM weights (--allow-random-weights): results mean nothing", spec.name)
 
 
 def _model_kwargs(args) -> dict:
@@ -297,9 +360,9 @@ def cmd_collect(args) -> None:
     from .data import images
 
     spec = _load(args)
-    source = images(args.images, seed=args.seed)
+    source = images(args.images, seed=args.seed, max_pixels=args.max_pixels)
     cfg = CollectConfig(
-        layers=tuple(x.strip() for x in args.layers.split(",") if x.strip()) if args.layers else None,
+        layers=parse_layers(args.layers),
         positions=args.positions, per_image=args.per_image, border=args.border,
         attributions=args.attributions, topk=args.topk, seed=args.seed, limit=args.limit,
         batch_size=args.batch_size, shard_size=args.shard_size, device=args.device, threads=args.threads,
@@ -323,7 +386,7 @@ def cmd_eval(args) -> None:
     from .evaluate import evaluate
 
     spec = _load(args)
-    source = images(args.images)
+    source = images(args.images, max_pixels=args.max_pixels)
     if args.limit:
         source = source.head(args.limit)
     res = evaluate(spec, source, batch_size=args.batch_size, loader_threads=args.loader_threads,
@@ -379,13 +442,15 @@ def cmd_render(args) -> None:
 
 def cmd_build(args) -> None:
     from .collect import CollectConfig
+    from .data import images
     from .pipeline import build
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    res = build(args.model, args.images, args.out, layer=args.layer, limit=args.limit, levels=_levels(args),
+    source = images(args.images, max_pixels=args.max_pixels)
+    res = build(args.model, source, args.out, layer=args.layer, limit=args.limit, levels=_levels(args),
                 collect_cfg=CollectConfig(per_image=args.per_image, seed=args.seed,
                                           batch_size=args.collect_batch_size, smooth_maxpool=args.smooth_maxpool),
                 layout_cfg=_layout_cfg(args), render_cfg=_render_cfg(args), min_count=args.min_count,
@@ -404,7 +469,9 @@ def cmd_build(args) -> None:
 
 def cmd_export(args) -> None:
     from .export import export_site
+    from .store import ensure_dir
 
+    ensure_dir(args.out, "site folder")
     index = export_site(args.run, args.out, single_file=args.single_file, layers=args.layer,
                         patches_per_cell=args.patches, patch_size=args.patch_size)
     _emit(args, {"index": str(index), "single_file": bool(args.single_file)},
@@ -458,6 +525,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("actatlas: interrupted (a rerun with the same arguments resumes)", file=sys.stderr)
         return 130
+    except OSError as exc:  # the file system said no: one line (the traceback with --verbose)
+        if args.verbose:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"actatlas: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     return 0
 
 

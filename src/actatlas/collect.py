@@ -40,8 +40,8 @@ from .hooks import capture
 from .models.layers import smooth_maxpool_gradients
 from .models.spec import ModelSpec
 from .run import Run, read_manifest
-from .store import (LayerBatch, RunLock, ShardWriter, committed_shards, consolidate, remove_shards,
-                    write_json_atomic)
+from .store import (LayerBatch, ShardWriter, committed_shards, consolidate, ensure_dir, remove_shards,
+                    run_lock, write_json_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,39 @@ def sample_positions(h: int, w: int, image_index: int, layer: str, cfg: CollectC
     rng = np.random.default_rng([cfg.seed, image_index, zlib.crc32(layer.encode())])
     flat = rng.choice(n_cand, size=k, replace=False)
     return np.stack([y0 + flat // (x1 - x0), x0 + flat % (x1 - x0)], axis=1).astype(np.int64)
+
+
+def position_warnings(shapes: dict[str, tuple[int, ...]], cfg: CollectConfig) -> list[str]:
+    """One line per setting that the layers' map sizes silently override (label -> [c, h, w] / [d])."""
+    msgs = []
+    for label, shp in shapes.items():
+        if len(shp) != 3 or cfg.positions != "random":
+            continue
+        h, w = shp[1], shp[2]
+        b = cfg.border
+        interior = h - 2 * b >= 1 and w - 2 * b >= 1
+        if not interior:
+            msgs.append(f"border {b} leaves no interior in layer {label} ({h}x{w}); positions are drawn from "
+                        f"the whole map (valid border for this layer: 0..{(min(h, w) - 1) // 2})")
+        n_cand = (h - 2 * b) * (w - 2 * b) if interior else h * w
+        if cfg.per_image > n_cand:
+            msgs.append(f"per-image {cfg.per_image} exceeds the {n_cand} distinct positions of layer {label} "
+                        f"({h}x{w}, border {b if interior else 0}); using {n_cand} per image "
+                        f"(valid: 1..{n_cand})")
+    return msgs
+
+
+def store_widths(shapes: dict[str, tuple[int, ...]], num_classes: int, cfg: CollectConfig) -> dict:
+    """label -> {array name: row width} of what the store keeps for each layer."""
+    out = {}
+    for label, shp in shapes.items():
+        w = {"activations": int(shp[0])}
+        if cfg.attributions == "full":
+            w["attributions"] = int(num_classes)
+        elif cfg.attributions == "topk":
+            w["attr_index"] = w["attr_value"] = int(min(cfg.topk, num_classes))
+        out[label] = w
+    return out
 
 
 def layer_shapes(spec: ModelSpec, module_names: Sequence[str], device) -> dict[str, tuple[int, ...]]:
@@ -393,8 +426,6 @@ def collect(spec: ModelSpec, source: ImageSource, out: str | Path, cfg: CollectC
         resolve_device(cfg.device)
     t0 = time.perf_counter()
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
     layers = resolve_layers(spec, cfg.layers)
     cfg = dataclasses.replace(cfg, layers=tuple(layers))
     if cfg.threads:
@@ -415,9 +446,9 @@ def collect(spec: ModelSpec, source: ImageSource, out: str | Path, cfg: CollectC
     if cfg.smooth_maxpool:
         record["smooth_maxpool"] = True
     chash = config_hash(record)
-    store_dir = out / "collect"
-    store_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(store_dir / ".lock", "collect"):
+    ensure_dir(out, "run directory")
+    store_dir = ensure_dir(out / "collect", "store directory")
+    with run_lock(out, "collect"):
         manifest = read_manifest(out)
         prev = manifest.get("stages", {}).get("collect")
         if prev is not None and prev.get("hash") != chash:
@@ -441,6 +472,9 @@ def collect(spec: ModelSpec, source: ImageSource, out: str | Path, cfg: CollectC
         device = resolve_device(cfg.device) if cfg.engine == "local" else _model_device(spec)
         spec.to_device(device)
         shapes = layer_shapes(spec, list(layers.values()), device)
+        for msg in position_warnings({label: shapes[m] for label, m in layers.items()}, cfg):
+            log.warning("%s", msg)
+        widths = store_widths({label: shapes[m] for label, m in layers.items()}, spec.num_classes, cfg)
         labels = source.labels(spec.class_names, spec.wnids)
         paths = [it.path for it in source]
         n_shards = (n_images + cfg.shard_size - 1) // cfg.shard_size
@@ -468,7 +502,7 @@ def collect(spec: ModelSpec, source: ImageSource, out: str | Path, cfg: CollectC
             if writer is None or writer.shard_id != shard:
                 writer = ShardWriter(store_dir, shard, shard * cfg.shard_size,
                                      min((shard + 1) * cfg.shard_size, n_images), list(layers),
-                                     np.dtype(cfg.activation_dtype))
+                                     np.dtype(cfg.activation_dtype), widths)
             for i, err in out_b.skipped:
                 log.warning("skipping %s", err)
                 writer.skip(i, paths[i], err)
@@ -484,6 +518,12 @@ def collect(spec: ModelSpec, source: ImageSource, out: str | Path, cfg: CollectC
         seconds_compute = time.perf_counter() - t0
         merged = consolidate(store_dir, list(layers), n_shards)
         n_skipped = len(merged["skipped"])
+        if n_skipped == n_images:
+            listing = store_dir / "skipped.json"
+            write_json_atomic(listing, merged["skipped"])
+            first = merged["skipped"][0]["reason"] if merged["skipped"] else ""
+            raise UserError(f"no readable images: {n_skipped} files skipped, see {listing} "
+                            f"(first: {first})")
         summary = {
             "config": {**record, "layers": list(layers)}, "hash": chash,
             "class_names": spec.class_names, "wnids": spec.wnids,

@@ -9,6 +9,7 @@ render settings therefore reruns only render and assemble.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import time
@@ -22,7 +23,7 @@ from .atlas import Atlas, AtlasLevel, atlas_dir
 from .collect import CollectConfig, collect, config_hash
 from .errors import UserError
 from .run import Run, open_run, read_manifest
-from .store import RunLock, layer_dirname, write_json_atomic
+from .store import ensure_dir, layer_dirname, run_lock, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +53,33 @@ class BuildResult:
 
 
 def _stage(run_dir: Path, key: str, record: dict, fn: Callable[[bool], None],
-           outputs_ok: Callable[[], bool]) -> StageReport:
-    """Run `fn(resume)` unless the manifest says stage `key` is complete with the same record hash."""
+           outputs_ok: Callable[[], bool], force: bool = False) -> StageReport:
+    """Run `fn(resume)` unless the manifest says stage `key` is complete with the same record hash
+    (or `force`). Holds the run's lock throughout. A stage is marked complete only after `fn`
+    returns; an exception (or an interrupt) marks it "failed" with the reason, never complete."""
     h = config_hash(record)
-    manifest = read_manifest(run_dir)
-    st = manifest.get("stages", {}).get(key)
-    if st and st.get("hash") == h and st.get("status") == "complete" and outputs_ok():
-        log.info("stage %s unchanged: skipped", key)
-        return StageReport(key, False, 0.0, h)
-    resume = bool(st and st.get("hash") == h)
-    manifest.setdefault("stages", {})[key] = {"hash": h, "config": record, "status": "running"}
-    write_json_atomic(run_dir / "manifest.json", manifest)
-    t0 = time.perf_counter()
-    fn(resume)
-    seconds = time.perf_counter() - t0
-    manifest = read_manifest(run_dir)
-    manifest["stages"][key].update(status="complete", seconds=round(seconds, 3))
-    write_json_atomic(run_dir / "manifest.json", manifest)
+    with run_lock(run_dir, f"stage {key}"):
+        manifest = read_manifest(run_dir)
+        st = manifest.get("stages", {}).get(key)
+        if not force and st and st.get("hash") == h and st.get("status") == "complete" and outputs_ok():
+            log.info("stage %s unchanged: skipped", key)
+            return StageReport(key, False, 0.0, h)
+        resume = bool(st and st.get("hash") == h)
+        manifest.setdefault("stages", {})[key] = {"hash": h, "config": record, "status": "running"}
+        write_json_atomic(run_dir / "manifest.json", manifest)
+        t0 = time.perf_counter()
+        try:
+            fn(resume)
+        except BaseException as exc:
+            manifest = read_manifest(run_dir)
+            manifest["stages"][key].update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
+            write_json_atomic(run_dir / "manifest.json", manifest)
+            raise
+        seconds = time.perf_counter() - t0
+        manifest = read_manifest(run_dir)
+        manifest["stages"][key].update(status="complete", seconds=round(seconds, 3))
+        manifest["stages"][key].pop("error", None)
+        write_json_atomic(run_dir / "manifest.json", manifest)
     return StageReport(key, True, seconds, h)
 
 
@@ -120,7 +131,10 @@ def run_layout(run_dir: str | Path, layer: str | None = None, cfg=None, progress
 
 def run_grid(run_dir: str | Path, layer: str | None = None, levels: Sequence[int] = (10, 20, 40),
              min_count: int = 6, topk: int = 5, progress: bool = True):
-    """Stage: multi-level grid over the layout (method.md §1.6–1.7, §2) -> ``RUN/grid/<layer>``."""
+    """Stage: multi-level grid over the layout (method.md §1.6–1.7, §2) -> ``RUN/grid/<layer>``.
+
+    A level in which no cell reaches `min_count` samples is skipped with a warning (recorded in
+    ``levels.json``); the others are built. No non-empty level at all is a UserError."""
     from .grid import grid_levels, load_grid, save_grid
     from .layout import load_layout
 
@@ -129,20 +143,42 @@ def run_grid(run_dir: str | Path, layer: str | None = None, levels: Sequence[int
     layer = _check_layer(run, layer)
     levels = sorted({int(g) for g in levels})
     if not levels or levels[0] < 1:
-        raise UserError("--levels must be positive integers, e.g. 10,20,40")
+        raise UserError("grid levels must be positive integers, e.g. 10,20,40")
     record = {"layout": stage_hash(run_dir, f"layout:{layer}"), "levels": levels, "min_count": min_count,
               "topk": topk}
     out = run_dir / "grid"
+    index = out / layer_dirname(layer) / "levels.json"
 
     def fn(resume):
         coords = load_layout(run_dir / "layout", layer).coords
         attr = run.attributions(layer)
         lv = grid_levels(coords, run.activations(layer), levels, attributions=attr, min_count=min_count, topk=topk)
-        save_grid(lv, out, layer, run.class_names)
+        empty = {g.size: _empty_level_note(g.size, len(coords), min_count) for g in lv if len(g.i) == 0}
+        kept = [g for g in lv if len(g.i)]
+        if not kept:
+            raise UserError(f"no grid level has a cell with at least {min_count} samples ({len(coords)} samples "
+                            f"in all; levels {', '.join(map(str, levels))}): collect more images or more "
+                            "positions per image, or use coarser levels")
+        save_grid(kept, out, layer, run.class_names)
+        write_json_atomic(index, {"requested": levels, "kept": [g.size for g in kept],
+                                  "empty": {str(k): v for k, v in empty.items()}})
 
-    rep = _stage(run_dir, f"grid:{layer}", record, fn,
-                 lambda: all((out / layer_dirname(layer) / f"level-{g}.npz").is_file() for g in levels))
+    def outputs_ok():
+        if not index.is_file():
+            return False
+        kept = json.loads(index.read_text())["kept"]
+        return all((out / layer_dirname(layer) / f"level-{g}.npz").is_file() for g in kept)
+
+    rep = _stage(run_dir, f"grid:{layer}", record, fn, outputs_ok)
+    for note in json.loads(index.read_text()).get("empty", {}).values():
+        log.warning("%s", note)
     return rep, load_grid(out, layer)
+
+
+def _empty_level_note(size: int, n: int, min_count: int) -> str:
+    return (f"grid level {size} skipped: none of its {size}x{size} cells holds {min_count} or more of the "
+            f"{n} samples; to fill it, collect more images or more positions per image (--per-image), "
+            f"or use a coarser level")
 
 
 def run_whiten(run_dir: str | Path, layer: str | None = None, ridge: float = 1e-2):
@@ -286,21 +322,32 @@ def best_member_fidelity(level, acts: np.ndarray, S: np.ndarray | None) -> np.nd
 
 
 def run_assemble(run_dir: str | Path, layer: str, icons: dict, S: np.ndarray | None) -> tuple[Atlas, dict]:
-    """Stage: canvases, per-level cell JSON and summary -> ``RUN/atlas/<layer>``."""
+    """Stage: canvases, per-level cell JSON and summary -> ``RUN/atlas/<layer>``.
+
+    Always runs (it is cheap). Its ``atlas.json``, which marks an assembled atlas, is removed first
+    and written last, so a failed assemble never leaves an earlier atlas to be exported as current."""
     from .grid import load_grid
 
     run_dir = Path(run_dir)
     run = open_run(run_dir)
     acts = run.activations(layer)
-    levels = []
-    for g in load_grid(run_dir / "grid", layer):
-        ic = icons[g.size]
-        levels.append(AtlasLevel(size=g.size, i=g.i, j=g.j, count=g.count, top_classes=g.top_classes,
-                                 top_values=g.top_values, icons=ic["images"], fidelity=ic["fidelity"],
-                                 member_fidelity=best_member_fidelity(g, acts, S)))
-    atlas = Atlas(layer, levels, run.class_names, run_dir=run_dir)
-    pngs = atlas.save(atlas_dir(run_dir, layer))
-    return atlas, pngs
+    adir = atlas_dir(run_dir, layer)
+    result: dict = {}
+
+    def fn(resume):
+        (adir / "atlas.json").unlink(missing_ok=True)
+        levels = []
+        for g in load_grid(run_dir / "grid", layer):
+            ic = icons[g.size]
+            levels.append(AtlasLevel(size=g.size, i=g.i, j=g.j, count=g.count, top_classes=g.top_classes,
+                                     top_values=g.top_values, icons=ic["images"], fidelity=ic["fidelity"],
+                                     member_fidelity=best_member_fidelity(g, acts, S)))
+        atlas = Atlas(layer, levels, run.class_names, run_dir=run_dir)
+        result["atlas"], result["pngs"] = atlas, atlas.save(adir)
+
+    record = {"render": read_manifest(run_dir).get("stages", {}).get(f"render:{layer}", {}).get("hash")}
+    _stage(run_dir, f"assemble:{layer}", record, fn, lambda: False, force=True)
+    return result["atlas"], result["pngs"]
 
 
 def build(model: str, images, out: str | Path, layer: str | None = None, limit: int | None = None,
@@ -335,13 +382,13 @@ def build(model: str, images, out: str | Path, layer: str | None = None, limit: 
                                device=device, engine=engine, address=address,
                                threads=ccfg.threads or threads)
     t0 = time.perf_counter()
-    res = collect(spec, source, out, ccfg, progress=progress)
-    reports = [StageReport("collect", not res.already_complete, 0.0 if res.already_complete else res.seconds,
-                           stage_hash(out, "collect"))]
-    run = open_run(out)
-    layer = run.layers[0] if layer is None else layer
-    out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out / ".lock", "build"):
+    ensure_dir(out, "run directory")
+    with run_lock(out, "build"):
+        res = collect(spec, source, out, ccfg, progress=progress)
+        reports = [StageReport("collect", not res.already_complete,
+                               0.0 if res.already_complete else res.seconds, stage_hash(out, "collect"))]
+        run = open_run(out)
+        layer = run.layers[0] if layer is None else layer
         rep, _ = run_layout(out, layer, layout_cfg, progress=progress)
         reports.append(rep)
         rep, grid = run_grid(out, layer, levels, min_count=min_count, progress=progress)

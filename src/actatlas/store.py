@@ -67,16 +67,32 @@ def layer_dirname(layer: str) -> str:
 
 
 class RunLock:
-    """Exclusive, non-blocking lock on a run directory stage. Released by the OS if the process dies."""
+    """Exclusive, non-blocking lock on a run directory. Released by the OS if the process dies.
+
+    Re-entrant within one process: a stage that holds the run's lock (e.g. ``build``) can call other
+    stages that take the same lock (layout, grid, render) without refusing itself. Another process
+    (a second ``build``, or ``actatlas grid`` while a build renders) is refused with one line.
+    """
+
+    _held: dict[str, list] = {}   # resolved lock path -> [fd, depth] for locks this process holds
 
     def __init__(self, path: Path, what: str):
         self.path = Path(path)
         self.what = what
-        self._fd: int | None = None
+        self._key: str | None = None
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        ensure_dir(self.path.parent)
+        key = str(self.path.resolve())
+        held = RunLock._held.get(key)
+        if held is not None:
+            held[1] += 1
+            self._key = key
+            return self
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot create the lock file {self.path}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -87,20 +103,52 @@ class RunLock:
                 except OSError:
                     holder = "?"
                 raise UserError(
-                    f"another {self.what} is already writing into {self.path.parent} (pid {holder}); "
-                    "wait for it to finish or use another --out"
+                    f"another actatlas process (pid {holder}) is writing into {self.path.parent}; "
+                    f"{self.what} refused: wait for it to finish or use another run directory"
                 ) from None
             raise
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
+        RunLock._held[key] = [fd, 1]
+        self._key = key
         return self
 
     def __exit__(self, *exc):
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        if self._key is None:
+            return
+        held = RunLock._held[self._key]
+        held[1] -= 1
+        if held[1] == 0:
+            fcntl.flock(held[0], fcntl.LOCK_UN)
+            os.close(held[0])
+            del RunLock._held[self._key]
+        self._key = None
+
+
+def run_lock(run_dir: str | Path, what: str) -> RunLock:
+    """The one lock of a run directory (``RUN/.lock``), taken by every stage that writes into it."""
+    return RunLock(Path(run_dir) / ".lock", what)
+
+
+def ensure_dir(path: str | Path, what: str = "output directory") -> Path:
+    """Create directory `path` (and parents) and check that it is a writable directory.
+
+    Every problem (a file in the way, a parent that is a file, no permission, a read-only file
+    system) is one `UserError` naming the path and the reason."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{what} {path} exists and is not a directory") from None
+    except NotADirectoryError:
+        raise UserError(f"cannot create {what} {path}: a parent of it is a file, not a directory") from None
+    except OSError as exc:
+        raise UserError(f"cannot create {what} {path}: {exc.strerror or exc}") from None
+    if not path.is_dir():
+        raise UserError(f"{what} {path} exists and is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path} is not writable (permission denied)")
+    return path
 
 
 @dataclass
@@ -122,11 +170,15 @@ class ShardWriter:
     """Accumulates the rows of one shard and commits them atomically."""
 
     def __init__(self, store_dir: Path, shard_id: int, start: int, stop: int, layers: list[str],
-                 act_dtype: np.dtype):
+                 act_dtype: np.dtype, widths: dict[str, dict[str, int]]):
+        """`widths`: layer -> {array file stem: row width} for every array the store keeps
+        (``activations``, and ``attributions`` or ``attr_index``/``attr_value``), so a shard whose
+        images all failed to decode still stores 0 rows of the right width."""
         self.store_dir = Path(store_dir)
         self.shard_id, self.start, self.stop = shard_id, start, stop
         self.layers = layers
         self.act_dtype = np.dtype(act_dtype)
+        self.widths = widths
         self.parts: dict[str, list[LayerBatch]] = {name: [] for name in layers}
         self.skipped: list[dict] = []
 
@@ -150,14 +202,17 @@ class ShardWriter:
             d = tmp / layer_dirname(layer)
             d.mkdir()
             parts = self.parts[layer]
+            for name, width in self.widths[layer].items():
+                dtype = self.act_dtype if name == "activations" else _ARRAY_DTYPES[name]
+                arrays = [getattr(p, name) for p in parts]
+                if any(a is None for a in arrays):
+                    raise ValueError(f"a batch of layer {layer!r} lacks {name}")
+                arr = _concat(arrays, dtype) if arrays else np.zeros((0, width), dtype)
+                if arr.shape[1:] != (width,):
+                    raise ValueError(f"{name} of layer {layer!r} has rows of shape {arr.shape[1:]}, "
+                                     f"expected ({width},)")
+                np.save(d / f"{name}.npy", arr)
             cat = lambda attr, dt=None: _concat([getattr(p, attr) for p in parts], dt)  # noqa: E731
-            acts = cat("activations", self.act_dtype)
-            np.save(d / "activations.npy", acts)
-            if parts and parts[0].attributions is not None:
-                np.save(d / "attributions.npy", cat("attributions", np.float16))
-            if parts and parts[0].attr_index is not None:
-                np.save(d / "attr_index.npy", cat("attr_index", np.int32))
-                np.save(d / "attr_value.npy", cat("attr_value", np.float32))
             image = cat("image", np.int64) if parts else np.zeros(0, np.int64)
             table = rows_table(
                 layer=layer, image=image,
@@ -176,6 +231,9 @@ class ShardWriter:
         _fsync_dir(tmp)
         os.rename(tmp, final)
         _fsync_dir(shards)
+
+
+_ARRAY_DTYPES = {"attributions": np.float16, "attr_index": np.int32, "attr_value": np.float32}
 
 
 def _concat(arrays: list[np.ndarray], dtype=None) -> np.ndarray:
@@ -240,7 +298,7 @@ def consolidate(store_dir: Path, layers: list[str], n_shards: int) -> dict:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir)
         tmp_dir.mkdir(parents=True)
-        names = [f.name for f in (shard_dirs[0] / ld).iterdir() if f.suffix == ".npy"] if shard_dirs else []
+        names = sorted({f.name for d in shard_dirs for f in (d / ld).iterdir() if f.suffix == ".npy"})
         total = sum(m["rows"][layer] for m in metas)
         for fname in sorted(names):
             _concat_npy([d / ld / fname for d in shard_dirs], tmp_dir / fname, total)
@@ -270,16 +328,27 @@ def _concat_npy(parts: list[Path], dest: Path, total: int) -> None:
 
     Not through a writable memmap: its dirty pages stay mapped into the process, so peak RSS would
     grow with the size of the store (1 GB at 1M x 512 float16) instead of the size of one shard."""
-    first = np.load(parts[0], mmap_mode="r")
-    header = np.lib.format.header_data_from_array_1_0(first)
-    header["shape"] = (total,) + first.shape[1:]
+    # The row shape comes from the first part with rows: a shard with no rows may have been written by
+    # an older version as a flat (0,) array, which holds nothing to merge. A part may be missing only
+    # when its shard holds no rows (no image of it decoded).
+    loaded = [np.load(p, mmap_mode="r") for p in parts if p.is_file()]
+    shaped = next((a for a in loaded if len(a) > 0), None)
+    if shaped is None:
+        shaped = next((a for a in loaded if a.ndim > 1), loaded[0] if loaded else None)
+    del loaded
+    if shaped is None:
+        raise UserError(f"no shard holds {dest.name}; the store is inconsistent")
+    header = np.lib.format.header_data_from_array_1_0(shaped)
+    header["shape"] = (total,) + shaped.shape[1:]
     header["fortran_order"] = False
-    dtype = first.dtype
-    del first
+    dtype = shaped.dtype
+    del shaped
     with open(dest, "wb") as f:
         np.lib.format.write_array_header_2_0(f, header)
         written = 0
         for p in parts:
+            if not p.is_file() or len(np.load(p, mmap_mode="r")) == 0:
+                continue
             part = np.load(p)
             if part.dtype != dtype or part.shape[1:] != header["shape"][1:]:
                 raise UserError(f"shard array {p} has dtype/shape {part.dtype}{part.shape}, expected "

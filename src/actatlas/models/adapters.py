@@ -239,8 +239,9 @@ def factory_model(target: str, weights: str | None = None, sha256: str | None = 
         raise UserError(f"model {target!r}: expected 'package.module:factory'")
     try:
         mod = importlib.import_module(modname)
-    except ImportError as e:
-        raise UserError(f"cannot import module {modname!r} for model {target!r}: {e}") from e
+    except Exception as e:  # ImportError, or any error the module raises while it is imported
+        raise UserError(f"cannot import module {modname!r} for model {target!r}: "
+                        f"{type(e).__name__}: {e}") from e
     obj = mod
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -248,7 +249,11 @@ def factory_model(target: str, weights: str | None = None, sha256: str | None = 
         obj = getattr(obj, part)
     if not callable(obj):
         raise UserError(f"{target!r} is not callable (it is a {type(obj).__name__})")
-    result = obj(**kw)
+    try:
+        result = obj(**kw)
+    except Exception as e:  # the user's factory failed: say where, without our traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"model factory {target!r} raised {type(e).__name__}: {first}") from e
     info = {"adapter": "factory", "factory": target, "kwargs": {k: repr(v) for k, v in kw.items()}}
     if isinstance(result, ModelSpec):
         spec = result

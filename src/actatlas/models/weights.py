@@ -18,6 +18,7 @@ import hashlib
 import http.client
 import logging
 import os
+import pickle
 import re
 import tempfile
 import urllib.error
@@ -177,9 +178,15 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  (pickle, zip and torch errors all mean "not a weights file")
-        raise UserError(f"cannot read {path} as a PyTorch state dict "
-                        f"(torch.load weights_only=True): {type(e).__name__}: {e}") from e
+    except pickle.UnpicklingError as e:
+        # torch's message advises weights_only=False, i.e. running the file's code: never pass that on
+        found = re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", str(e))
+        what = f" (it references {found.group(1)})" if found else ""
+        raise UserError(f"{path} holds pickled Python objects{what}, not a plain state dict; actatlas does not "
+                        "unpickle code. Save the model's state_dict() with torch.save and pass that file") from None
+    except Exception as e:  # noqa: BLE001  (zip and torch errors all mean "not a weights file")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"cannot read {path} as a PyTorch state dict: {type(e).__name__}: {first}") from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             inner = obj.get(key)

@@ -17,6 +17,7 @@ the initial spectrum and the transform draws, so the same config and directions 
 from __future__ import annotations
 
 import dataclasses
+import math
 import logging
 import time
 from dataclasses import dataclass
@@ -74,9 +75,18 @@ class RenderConfig:
     per_sample_transforms: bool = False
 
     def __post_init__(self):
-        if self.steps < 0 or self.attempts < 1 or self.icon_size < 8 or self.batch_size < 1:
-            raise ValueError(f"invalid RenderConfig: steps={self.steps}, attempts={self.attempts}, "
-                             f"icon_size={self.icon_size}, batch_size={self.batch_size}")
+        bad = []
+        for name, lo, hi, unit in (("steps", 0, 100_000, ""), ("attempts", 1, 64, ""),
+                                   ("icon_size", 8, 1024, " px"), ("batch_size", 1, 4096, "")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
+                bad.append(f"{name}={v!r} is out of range: must be an integer in [{lo}, {hi}]{unit}")
+        for name, lo_open in (("lr", True), ("power", True), ("boundary_weight", False)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float, np.floating)) or not math.isfinite(v) or v < 0 or (lo_open and v == 0):
+                bad.append(f"{name}={v!r} must be a finite number {'> 0' if lo_open else '>= 0'}")
+        if bad:
+            raise ValueError("invalid render setting: " + "; ".join(bad))
         if self.transforms not in ("recipe", "notebook", "none"):
             raise ValueError(f"transforms must be 'recipe', 'notebook' or 'none', not {self.transforms!r}")
         if self.objective not in ("lucid", "cosine", "dot"):
