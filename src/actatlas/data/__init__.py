@@ -1,6 +1,7 @@
 """Image sources: folders, lists of paths and the bundled sample photos (see `sources`)."""
 
 from .sources import (
+    DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     ImageDecodeError,
     ImageItem,
@@ -11,6 +12,7 @@ from .sources import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "ImageDecodeError",
     "ImageItem",

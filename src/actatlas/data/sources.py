@@ -87,7 +87,29 @@ class ImageDecodeError(Exception):
 # Decoding
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
+DEFAULT_MAX_PIXELS = 50_000_000
+"""Default pixel cap (width x height, 50 megapixels) of `load_rgb` and `images`: a larger file is
+refused from its header, before anything is decoded (a 13000 x 13000 PNG of 0.5 MB would take
+1.75 GB decoded). Camera photos (12-48 MP) pass."""
+
+
+def check_max_pixels(max_pixels) -> int | None:
+    """Validate a pixel cap: a positive int, or None (or 0) for no cap of our own; UserError otherwise."""
+    if max_pixels is None:
+        return None
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)):
+        raise UserError(f"max_pixels must be a positive integer or None, not {max_pixels!r}")
+    if max_pixels < 0:
+        raise UserError(f"--max-pixels must be >= 1 (or 0 for no cap), got {max_pixels}")
+    return int(max_pixels) or None
+
+
+def _megapixels(n: int) -> str:
+    return f"{n / 1e6:.3g} MP"
+
+
+def load_rgb(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+             min_side: int | None = None) -> Image.Image:
     """Decode an image file into an RGB (8 bits per channel) PIL image.
 
     EXIF orientation is applied. Truncated files raise (``ImageFile.LOAD_TRUNCATED_IMAGES`` is
@@ -95,8 +117,18 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     form ``"sample:<photo>#x0,y0,x1,y1"`` is a crop of a bundled photo (see `actatlas.data.bundled`).
     Mode conversions are described in `to_rgb`.
 
+    Args:
+        max_pixels: refuse (`ImageDecodeError`) an image whose header says it has more than this
+            many pixels (width x height), before decoding it. None or 0: no cap of ours (PIL's own
+            decompression-bomb limit, ``2 * Image.MAX_IMAGE_PIXELS``, still applies).
+        min_side: the short side the caller needs (e.g. the model's resize target). A JPEG larger
+            than that is decoded directly at a reduced scale (1/2, 1/4 or 1/8, libjpeg's DCT
+            scaling, ``Image.draft``) whose short side is still >= `min_side`, which is much faster
+            and bounds memory for camera photos. Other formats, and None, decode at full size.
+
     Raises:
-        ImageDecodeError: the file is missing, unreadable, not an image, corrupt or truncated.
+        ImageDecodeError: the file is missing, unreadable, not an image, corrupt, truncated, or over
+            `max_pixels`.
     """
     text = os.fspath(path)
     if isinstance(text, str) and text.startswith(SAMPLE_PREFIX):
@@ -105,12 +137,31 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         return bundled.load_crop(text)
     try:
         with Image.open(text) as im:
+            w, h = im.size  # from the header; nothing is decoded yet
+            if max_pixels and w * h > max_pixels:
+                raise ImageDecodeError(
+                    text, f"image is {w}x{h} pixels ({_megapixels(w * h)}), over the limit of "
+                          f"{_megapixels(max_pixels)} (max_pixels={max_pixels}); raise it with --max-pixels")
+            if min_side and im.format == "JPEG":
+                _draft(im, int(min_side))
             im.load()
             transposed = ImageOps.exif_transpose(im)
             return to_rgb(transposed if transposed is not None else im)
     except _DECODE_ERRORS as e:
         reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         raise ImageDecodeError(text, reason) from e
+
+
+def _draft(im: Image.Image, min_side: int) -> None:
+    """Ask the JPEG decoder for the smallest DCT scale whose short side is still >= `min_side`."""
+    w, h = im.size
+    short = min(w, h)
+    if short < 2 * min_side:  # no 1/2 scale would keep min_side
+        return
+    # PIL picks the largest scale s in (8, 4, 2, 1) with s <= min(w // rw, h // rh); asking for a
+    # size of the image's aspect whose short side is min_side keeps the result's short side
+    # ceil(short / s) >= short / (short // min_side) >= min_side.
+    im.draft("RGB", (max(1, -(-w * min_side // short)), max(1, -(-h * min_side // short))))
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -190,6 +241,8 @@ class ImageSource(Sequence):
         description: human-readable, e.g. ``"folder /data/val (50000 images)"``.
         skipped_listing: files seen while listing a folder that do not have an image extension
             (informational; hidden files are not listed at all).
+        max_pixels: `load` refuses (`ImageDecodeError`, so collectors skip and count it) a file
+            whose header says it has more pixels than this; None: no cap (see `load_rgb`).
     """
 
     def __init__(
@@ -201,8 +254,10 @@ class ImageSource(Sequence):
         fingerprint_salt: str = "",
         stat_files: bool = True,
         total: int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ):
         self._items: tuple[ImageItem, ...] = tuple(items)
+        self.max_pixels: int | None = check_max_pixels(max_pixels)
         self._what = what
         self._salt = fingerprint_salt
         self._stat_files = stat_files
@@ -240,9 +295,15 @@ class ImageSource(Sequence):
         """All items, in order."""
         return self._items
 
-    def load(self, item: ImageItem) -> Image.Image:
-        """Decode one item as an RGB PIL image; raises `ImageDecodeError`."""
-        return load_rgb(item.path)
+    def load(self, item: ImageItem, *, min_side: int | None = None) -> Image.Image:
+        """Decode one item as an RGB PIL image; raises `ImageDecodeError` (also for a file over
+        `max_pixels`). `min_side`: the short side the caller needs; a larger JPEG may decode at a
+        reduced scale that keeps it (see `load_rgb`)."""
+        return load_rgb(item.path, max_pixels=self.max_pixels, min_side=min_side)
+
+    def with_max_pixels(self, max_pixels: int | None) -> "ImageSource":
+        """The same items with another pixel cap (None or 0: none)."""
+        return self._subset(self._items, max_pixels=max_pixels)
 
     def head(self, n: int) -> "ImageSource":
         """The first `n` items (all of them when n >= len); the CLI's ``--limit N``."""
@@ -257,9 +318,12 @@ class ImageSource(Sequence):
         Files: over the ordered list of (path, size, mtime_ns, label_key), so editing, touching,
         adding, removing or reordering a file changes it (a missing file counts as size -1).
         Bundled crops: over the crop specs (the paths, which hold photo name and box) and the seed.
+        A `max_pixels` other than the default is included too.
         """
         h = hashlib.sha256()
         h.update(f"actatlas-images-v1\n{self._salt}\n".encode())
+        if self.max_pixels != DEFAULT_MAX_PIXELS:  # the cap decides which files are skipped
+            h.update(f"max_pixels\t{self.max_pixels}\n".encode())
         for item in self._items:
             size, mtime = -1, -1
             if self._stat_files:
@@ -309,15 +373,16 @@ class ImageSource(Sequence):
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _subset(self, items: Sequence[ImageItem]) -> "ImageSource":
-        return ImageSource(
-            items,
-            self._what,
+    def _subset(self, items: Sequence[ImageItem], **changes) -> "ImageSource":
+        kwargs = dict(
             skipped_listing=self.skipped_listing,
             fingerprint_salt=self._salt,
             stat_files=self._stat_files,
             total=self._total,
+            max_pixels=self.max_pixels,
         )
+        kwargs.update(changes)
+        return ImageSource(items, self._what, **kwargs)
 
 
 def _norm_name(name: str) -> str:
@@ -338,7 +403,10 @@ def is_image_name(name: str) -> bool:
 # Building sources
 
 
-def images(spec, *, recursive: bool = True, seed: int = 0) -> ImageSource:
+_KEEP = object()
+
+
+def images(spec, *, recursive: bool = True, seed: int = 0, max_pixels=_KEEP) -> ImageSource:
     """Build an `ImageSource` from what the user gave.
 
     Args:
@@ -362,10 +430,25 @@ def images(spec, *, recursive: bool = True, seed: int = 0) -> ImageSource:
           else the parent folder's name if that is a wnid, else None.
         recursive: for folders, also list sub-folders (default True).
         seed: seed of the bundled-sample crops (ignored otherwise).
+        max_pixels: the source's pixel cap (see `ImageSource.load`): files whose header says they
+            have more pixels are skipped as unreadable. Default `DEFAULT_MAX_PIXELS` (50 MP), or
+            for an `ImageSource` its own cap; None or 0: no cap.
 
     Raises:
-        UserError: missing path, a folder without images, an empty list, a bad ``sample:N``.
+        UserError: missing path, a folder without images, an empty list, a bad ``sample:N``, a bad
+            `max_pixels`.
     """
+    if max_pixels is _KEEP:
+        source = _images(spec, recursive=recursive, seed=seed)
+    else:
+        max_pixels = check_max_pixels(max_pixels)
+        source = _images(spec, recursive=recursive, seed=seed)
+        if source.max_pixels != max_pixels:
+            source = source.with_max_pixels(max_pixels)
+    return source
+
+
+def _images(spec, *, recursive: bool, seed: int) -> ImageSource:
     if isinstance(spec, ImageSource):
         return spec
     if isinstance(spec, (list, tuple)):
