@@ -30,9 +30,18 @@ class DecodedBatch:
     requested: int = 0
 
 
+def load_for(source: ImageSource, preprocess: Preprocess, item):
+    """Decode `item` of `source` for `preprocess`: an `ImageSource` is asked for the short side the
+    geometry needs (JPEGs then decode at a reduced DCT scale); other objects with a ``load(item)``
+    method decode at full size."""
+    if isinstance(source, ImageSource):
+        return source.load(item, min_side=preprocess.decode_side)
+    return source.load(item)
+
+
 def _decode(source: ImageSource, preprocess: Preprocess, i: int):
     try:
-        return i, preprocess.to_uint8(source.load(source[i])), None
+        return i, preprocess.to_uint8(load_for(source, preprocess, source[i])), None
     except ImageDecodeError as exc:
         return i, None, str(exc)
 

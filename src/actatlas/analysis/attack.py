@@ -291,7 +291,8 @@ class ImageBank:
                 part = []
                 for k in todo[a:a + 64]:
                     try:
-                        self.bgs[k] = self.spec.preprocess.geometry(load_rgb(self.images.paths[k]))
+                        pre = self.spec.preprocess
+                        self.bgs[k] = pre.geometry(load_rgb(self.images.paths[k], min_side=pre.decode_side))
                         part.append(k)
                     except ImageDecodeError as exc:
                         self.skipped[k] = str(exc)

@@ -72,6 +72,28 @@ class Preprocess:
             left, top = max(left, 0), max(top, 0)
         return img.crop((left, top, left + self.size, top + self.size))
 
+    DECODE_MARGIN = 2
+    """`decode_side` is this many times the resize target (see there)."""
+
+    @property
+    def target_side(self) -> int:
+        """The short side `geometry` resizes every image to before cropping (``squash``: `size`)."""
+        if self.mode == "squash":
+            return int(self.size)
+        return int(max(self.resize or self.size, self.size))
+
+    @property
+    def decode_side(self) -> int:
+        """The smallest short side a loader should decode an image at (``min_side`` of
+        `actatlas.data.load_rgb`, which then decodes large JPEGs directly at 1/2, 1/4 or 1/8 scale).
+
+        `DECODE_MARGIN` x `target_side`, never below the target: `geometry` itself then still
+        downscales by at least 2x with its own antialiasing filter, so the model input stays within
+        about one grey level of a full-size decode on average (at the bare target, libjpeg's DCT
+        downscale would set the high frequencies instead; up to ~11 grey levels on textured photos).
+        """
+        return self.DECODE_MARGIN * self.target_side
+
     def to_uint8(self, img: Image.Image) -> np.ndarray:
         """RGB PIL image -> uint8 array [3, size, size] (geometry applied)."""
         arr = np.asarray(self.geometry(img), dtype=np.uint8)
