@@ -90,18 +90,20 @@ def _check_counts(args) -> None:
 
 
 def _open_patch(text: str, spec, args):
-    """(name, PIL image, info) for one --patch value."""
-    from PIL import Image, UnidentifiedImageError
+    """(name, PIL image, info) for one --patch value.
 
+    Files decode through the same loader as collection (`actatlas.data.load_rgb`: 16-bit and other
+    wide modes scaled, transparency over white, EXIF orientation, the default pixel cap); any
+    decoding problem (corrupt, truncated, a decompression bomb) is a UserError."""
     from .analysis.attack import looks_like_cell_spec, parse_cell_spec, render_cell_patch
+    from .data import ImageDecodeError, load_rgb
 
     path = Path(text).expanduser()
     if path.is_file():
         try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as exc:
-            raise UserError(f"--patch {text}: not a readable image ({exc})") from None
+            img = load_rgb(path)
+        except ImageDecodeError as exc:
+            raise UserError(f"--patch {text}: not a readable image ({exc.reason})") from None
         return path.name, img, {"file": str(path)}
     if looks_like_cell_spec(text):
         cell = parse_cell_spec(text)
