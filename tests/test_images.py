@@ -370,3 +370,340 @@ def test_bad_sample_paths_raise_decode_error():
     for bad in ("sample:nope.png#0,0,5,5", "sample:astronaut.png#0,0,9999,9999", "sample:../x#0,0,1,1"):
         with pytest.raises(ImageDecodeError):
             load_rgb(bad)
+
+
+# ------------------------------------------------------------------------------------------
+# Hardening: wide-mode and bomb patches, the pixel cap, draft (reduced-scale) JPEG decoding
+
+SAMPLE_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+
+
+def _bomb_png(path: Path, width: int, height: int, *, valid: bool = True) -> Path:
+    """A tiny 1-bit grey PNG whose header says width x height (all zero pixels, compressed ~1000:1).
+    valid=False: the pixel data is cut short (only a full decode would notice)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte + packed bits
+    comp = zlib.compressobj(9)
+    rows = height if valid else 3
+    idat = b"".join(comp.compress(row * min(1000, rows - a)) for a in range(0, rows, 1000)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def _grey16_gradient(path: Path) -> tuple[Path, np.ndarray]:
+    """A 16-bit grey PNG 64 x 16 with a horizontal gradient over the full 0..65535 range; and the
+    8-bit grey levels it should load as (value / 257)."""
+    data = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (16, 1))
+    Image.fromarray(data).save(path)
+    with Image.open(path) as im:
+        assert im.mode.startswith("I")  # really a wide-mode file
+    return path, np.rint(data / 257.0).astype(np.uint8)
+
+
+def _patch_world(tmp_path: Path):
+    """A folder of small images labelled by the tiny patch model's own predictions, and a target
+    class different from at least one image's class."""
+    import torch
+
+    import actatlas as aa
+    from patchmodels import generated_image  # tests/ on sys.path
+
+    spec = aa.load_model("patchmodels:balanced_tiny_cnn")
+    rng = np.random.default_rng(5)
+    imgs = [generated_image(rng) for _ in range(6)]
+    x = torch.from_numpy(np.stack([np.asarray(spec.preprocess.geometry(im)).transpose(2, 0, 1) for im in imgs]))
+    with torch.no_grad():
+        pred = spec.module(spec.preprocess.normalize(x)).argmax(1).tolist()
+    folder = tmp_path / "imgs"
+    for k, (im, c) in enumerate(zip(imgs, pred)):
+        (folder / f"c{c}").mkdir(parents=True, exist_ok=True)
+        im.save(folder / f"c{c}" / f"im{k}.png")
+    target = next(c for c in range(10) if c != pred[0])
+    return folder, target
+
+
+def _patch_attack_argv(folder: Path, target: int, patch: Path, out: Path) -> list[str]:
+    return ["patch-attack", "--model", "patchmodels:balanced_tiny_cnn", "--images", str(folder), "--target",
+            f"c{target}", "--patch", str(patch), "--sizes", "0.5", "--corners", "1", "--out", str(out),
+            "--quiet", "--threads", "1"]
+
+
+def test_patch_16_bit_grey_loads_like_collect(tmp_path, capsys):
+    """A 16-bit grey patch keeps its grey levels (it used to become all white through
+    ``Image.open(...).convert("RGB")``), in ``_open_patch`` and in the patch-attack report."""
+    import json
+
+    from actatlas.cli import main
+    from actatlas.cli_patches import _open_patch
+
+    path, want = _grey16_gradient(tmp_path / "grey16.png")
+    name, img, info = _open_patch(str(path), None, None)
+    arr = _rgb_array(img)
+    assert name == "grey16.png" and info == {"file": str(path)}
+    for c in range(3):
+        np.testing.assert_array_equal(arr[:, :, c], want)
+    np.testing.assert_array_equal(arr, _rgb_array(load_rgb(path)))  # the collect loader's result
+
+    folder, target = _patch_world(tmp_path)
+    rc = main(_patch_attack_argv(folder, target, path, tmp_path / "rep") + ["--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    s = json.loads(out.strip().splitlines()[-1])
+    saved = _rgb_array(Image.open(s["patches"][0]["patch_png"]).convert("RGB"))
+    np.testing.assert_array_equal(saved[:, :, 0], want)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # 169 MP > PIL's 89 MP
+@pytest.mark.parametrize("side", [13000, 20000])
+def test_patch_decompression_bomb_is_a_user_error(tmp_path, capsys, side):
+    """A patch whose header claims 13000^2 (over our 50 MP cap) or 20000^2 pixels (over PIL's own
+    bomb limit, which used to escape as a traceback): one 'actatlas: error:' line, exit 2."""
+    from actatlas.cli import main
+
+    bomb = _bomb_png(tmp_path / f"bomb{side}.png", side, side)
+    assert bomb.stat().st_size < 1_000_000
+    folder, target = _patch_world(tmp_path)
+    rc = main(_patch_attack_argv(folder, target, bomb, tmp_path / "rep"))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("actatlas: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "--patch" in lines[0] and str(bomb) in lines[0]
+    assert (f"{side}x{side}" if side == 13000 else f"{side * side} pixels") in lines[0], lines[0]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # 169 MP > PIL's 89 MP
+def test_max_pixels_skips_before_decoding(tmp_path):
+    from actatlas.batches import decode_batch
+    from actatlas.data import DEFAULT_MAX_PIXELS
+    from actatlas.models.spec import Preprocess
+
+    limit_before = Image.MAX_IMAGE_PIXELS
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _write(folder / "a_small.png", size=(40, 30))
+    _bomb_png(folder / "b_huge.png", 13000, 13000)
+    # a header of 3000 x 3000 with its pixel data cut short: only the cap, read from the header, can
+    # explain refusing it (a decode would report a truncated file instead)
+    _bomb_png(folder / "c_mid.png", 3000, 3000, valid=False)
+
+    src = images(folder)
+    assert src.max_pixels == DEFAULT_MAX_PIXELS == 50_000_000
+    with pytest.raises(ImageDecodeError, match=r"13000x13000 pixels \(169 MP\), over the limit of 50 MP"):
+        src.load(src[1])
+    db = decode_batch(src, Preprocess(size=16, resize=16), "k", [0, 1])
+    assert db.index.tolist() == [0] and [i for i, _ in db.skipped] == [1]
+    assert "13000x13000" in db.skipped[0][1] and "max_pixels=50000000" in db.skipped[0][1]
+
+    low = images(folder, max_pixels=1_000_000)
+    assert low.max_pixels == 1_000_000 and low.head(2).max_pixels == 1_000_000 and low[1:].max_pixels == 1_000_000
+    with pytest.raises(ImageDecodeError) as info:
+        low.load(low[2])
+    assert "3000x3000" in info.value.reason and "1 MP" in info.value.reason
+    assert "runcat" not in info.value.reason.lower() and "truncat" not in info.value.reason.lower()
+    assert low.load(low[0]).size == (40, 30)
+    assert load_rgb(folder / "a_small.png", max_pixels=1200).size == (40, 30)  # 1200 px: at the cap, kept
+    with pytest.raises(ImageDecodeError, match="over the limit"):
+        load_rgb(folder / "a_small.png", max_pixels=1199)
+    # no cap (None or 0): the small file decodes; the cap changes the source's fingerprint
+    for off in (None, 0):
+        assert images(folder, max_pixels=off).max_pixels is None
+    assert images(folder, max_pixels=DEFAULT_MAX_PIXELS).fingerprint() == src.fingerprint()
+    assert low.fingerprint() != src.fingerprint()
+    assert images(src, max_pixels=1_000_000).max_pixels == 1_000_000 and images(src) is src
+    for bad in (-1, 2.5, "many", True):
+        with pytest.raises(UserError):
+            images(folder, max_pixels=bad)
+    assert Image.MAX_IMAGE_PIXELS == limit_before  # nothing process-wide was changed
+
+
+def test_max_pixels_memory_stays_small(tmp_path):
+    """Refusing a 13000 x 13000 PNG (169 MP, 0.5 GB as RGB) costs no memory: measured in a fresh
+    process as its peak RSS growth (ru_maxrss) across the load."""
+    import subprocess
+    import sys
+
+    bomb = _bomb_png(tmp_path / "huge.png", 13000, 13000)
+    code = (
+        "import resource, sys\n"
+        "from actatlas.data import ImageDecodeError, load_rgb, images\n"
+        "from PIL import Image\n"
+        "Image.new('RGB', (64, 64)).load()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "src = images(sys.argv[1], max_pixels=10_000_000)\n"
+        "for load in (lambda: load_rgb(sys.argv[1]), lambda: src.load(src[0])):\n"
+        "    try:\n"
+        "        load()\n"
+        "        raise SystemExit('decoded')\n"
+        "    except ImageDecodeError as e:\n"
+        "        assert '13000x13000' in e.reason, e.reason\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    grown_mb = int(res.stdout.strip().splitlines()[-1])
+    assert grown_mb < 40, f"peak RSS grew by {grown_mb} MB"
+
+
+def test_cli_max_pixels(tmp_path, capsys):
+    """--max-pixels reaches the source of eval and collect: over-cap files are counted as skipped."""
+    import json
+
+    from actatlas.cli import build_parser, main
+
+    for cmd in (["collect", "-i", "x", "-o", "y"], ["eval", "-i", "x"], ["build", "-i", "x", "-o", "y"]):
+        assert build_parser().parse_args(cmd).max_pixels == 50_000_000
+        assert build_parser().parse_args(cmd + ["--max-pixels", "7"]).max_pixels == 7
+    folder = tmp_path / "imgs"
+    _write(folder / "c1" / "small.png", size=(36, 36))  # 1296 px
+    _write(folder / "c2" / "big.png", size=(60, 60))  # 3600 px
+    argv = ["eval", "--model", "tinymodels:tiny_cnn", "--images", str(folder), "--quiet", "--json"]
+    assert main(argv + ["--max-pixels", "2000"]) == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert s["n"] == 1 and s["skipped"] == 1
+    assert main(argv) == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert s["n"] == 2 and s["skipped"] == 0
+    assert main(["collect", "--model", "tinymodels:tiny_cnn", "--images", str(folder), "--out",
+                 str(tmp_path / "run"), "--attributions", "none", "--max-pixels", "2000", "--quiet", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert s["images"] == 1 and s["skipped"] == 1
+    assert main(argv + ["--max-pixels", "-5"]) == 2
+    assert "--max-pixels must be >= 1" in capsys.readouterr().err
+
+
+def _textured(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A synthetic photo-like RGB image: smooth colour gradients, oblique stripes at several periods
+    (down to 3 px), a few sharp-edged discs and mild pixel noise."""
+    rng = np.random.default_rng(seed)
+    x = np.arange(w, dtype=np.float32)[None, :]
+    y = np.arange(h, dtype=np.float32)[:, None]
+    a = np.empty((h, w, 3), np.float32)
+    a[..., 0] = 255 * x / w
+    a[..., 1] = 255 * y / h
+    a[..., 2] = 128 + 60 * np.sin(x / 97.0) * np.cos(y / 53.0)
+    stripes = np.zeros((h, w), np.float32)
+    for period in (3.0, 7.0, 23.0, 61.0):  # sin(u + v) = sin u cos v + cos u sin v: outer products
+        u, v = 2 * np.pi * 0.8 * x / period, 2 * np.pi * 0.6 * y / period
+        stripes += 18 * (np.cos(v) * np.sin(u) + np.sin(v) * np.cos(u))
+    a += stripes[..., None]
+    for _ in range(6):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.05, 0.2) * min(w, h)
+        x0, x1, y0, y1 = int(max(cx - r, 0)), int(min(cx + r + 1, w)), int(max(cy - r, 0)), int(min(cy + r + 1, h))
+        inside = (x[:, x0:x1] - cx) ** 2 + (y[y0:y1] - cy) ** 2 < r * r
+        a[y0:y1, x0:x1][inside] = rng.uniform(0, 255, 3)
+    a += rng.integers(-10, 11, (h, w, 1), dtype=np.int8)
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "RGB")
+
+
+def test_preprocess_decode_side():
+    from actatlas.models.spec import Preprocess
+
+    assert Preprocess().target_side == 256 and Preprocess().decode_side == 512
+    assert Preprocess(size=224, resize=None).decode_side == 448
+    assert Preprocess(size=224, resize=200).target_side == 224  # geometry resizes up to the crop
+    assert Preprocess(size=299, mode="squash").decode_side == 598
+    for pre in (Preprocess(), Preprocess(size=224, resize=None), Preprocess(size=64, mode="squash")):
+        assert pre.decode_side >= pre.target_side >= pre.size
+
+
+@pytest.fixture(scope="module")
+def large_jpegs(tmp_path_factory) -> dict[str, Path]:
+    """Synthetic camera-sized JPEGs: 4000x3000, its 3000x4000 rotation, a 2300x1300 crop (quality 85)."""
+    folder = tmp_path_factory.mktemp("large")
+    img = _textured(4000, 3000, seed=1)
+    return {"land": _save(img, folder / "land.jpg", quality=90),
+            "port": _save(img.transpose(Image.Transpose.ROTATE_90), folder / "port.jpg", quality=90),
+            "mid": _save(img.crop((1200, 900, 3500, 2200)), folder / "mid.jpg", quality=85)}
+
+
+def test_draft_decode_sizes(tmp_path, large_jpegs):
+    """min_side: a JPEG decodes at the smallest 1/2, 1/4, 1/8 scale whose short side is still
+    >= min_side (never below); other formats and small JPEGs at full size; EXIF rotation kept."""
+    jpg = large_jpegs["land"]
+    expected = {256: (500, 375), 375: (500, 375), 376: (1000, 750), 512: (1000, 750), 1000: (2000, 1500),
+                1500: (2000, 1500), 1501: (4000, 3000), 5000: (4000, 3000), None: (4000, 3000)}
+    for side, size in expected.items():
+        got = load_rgb(jpg, min_side=side).size
+        assert got == size, (side, got)
+    assert load_rgb(large_jpegs["port"], min_side=512).size == (750, 1000)
+    img = load_rgb(large_jpegs["mid"])
+    odd = _save(img.crop((0, 0, 1001, 777)), tmp_path / "odd.jpg", quality=90)
+    for side in range(100, 800, 37):
+        assert min(load_rgb(odd, min_side=side).size) >= min(side, 777)
+    png = _save(img.resize((1000, 750)), tmp_path / "big.png")
+    assert load_rgb(png, min_side=64).size == (1000, 750)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    rot = _save(img.crop((0, 0, 2000, 1200)), tmp_path / "rot.jpg", quality=90, exif=exif)
+    assert load_rgb(rot, min_side=300).size == (300, 500)
+    grey = _save(img.crop((0, 0, 2000, 1200)).convert("L"), tmp_path / "grey.jpg", quality=90)
+    g = load_rgb(grey, min_side=300)
+    assert g.size == (500, 300) and g.mode == "RGB"
+    src = images(jpg)
+    assert src.load(src[0], min_side=512).size == (1000, 750) and src.load(src[0]).size == (4000, 3000)
+
+
+def _input_diff(paths, pre) -> list[float]:
+    """Mean absolute difference (grey levels) of the uint8 model input with and without draft."""
+    out = []
+    for p in paths:
+        full = pre.to_uint8(load_rgb(p)).astype(np.int16)
+        draft = pre.to_uint8(load_rgb(p, min_side=pre.decode_side)).astype(np.int16)
+        out.append(float(np.abs(full - draft).mean()))
+    return out
+
+
+def test_draft_model_input_matches_full_decode_large_jpeg(large_jpegs):
+    """A 12 MP JPEG decoded at reduced scale gives (nearly) the model input of a full decode, and the
+    collect loader (decode_batch) uses the reduced decode."""
+    from actatlas.batches import decode_batch
+    from actatlas.models.spec import Preprocess
+
+    paths = list(large_jpegs.values())
+    for pre in (Preprocess(), Preprocess(size=224, mode="squash", interpolation="bilinear")):
+        diffs = _input_diff(paths, pre)
+        assert max(diffs) < 3.0, diffs
+    pre = Preprocess()
+    src = images(paths)
+    db = decode_batch(src, pre, "k", range(len(src)))
+    for k, item in enumerate(src):
+        np.testing.assert_array_equal(db.pixels[k].numpy(), pre.to_uint8(load_rgb(item.path, min_side=512)))
+
+    class PlainSource:  # a duck-typed source whose load takes no min_side still works
+        def __init__(self, s):
+            self.s = s
+
+        def __getitem__(self, i):
+            return self.s[i]
+
+        def load(self, item):
+            return load_rgb(item.path)
+
+    db2 = decode_batch(PlainSource(src), pre, "k", [0])
+    np.testing.assert_array_equal(db2.pixels[0].numpy(), pre.to_uint8(load_rgb(src[0].path)))
+
+
+@pytest.mark.skipif(not SAMPLE_PHOTOS.is_dir(), reason=f"real ImageNet sample photos not found at {SAMPLE_PHOTOS}")
+def test_draft_model_input_matches_full_decode_real_photos():
+    """On the real photos large enough to be decoded at reduced scale (short side >= 2 x 512), the
+    model input stays within 3 grey levels (mean absolute difference) of a full-size decode."""
+    from actatlas.models.spec import Preprocess
+
+    pre = Preprocess()
+    paths = []
+    for p in sorted(SAMPLE_PHOTOS.glob("*.JPEG")):
+        with Image.open(p) as im:
+            if min(im.size) >= 2 * pre.decode_side:
+                paths.append(p)
+    if not paths:
+        pytest.skip(f"no photo in {SAMPLE_PHOTOS} has a short side >= {2 * pre.decode_side}")
+    diffs = _input_diff(paths, pre)
+    assert max(diffs) < 3.0, max(diffs)
+    assert float(np.mean(diffs)) < 1.0, float(np.mean(diffs))
