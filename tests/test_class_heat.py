@@ -38,7 +38,7 @@ needs_browser = pytest.mark.skipif(not HAVE_BROWSER, reason="needs playwright an
 
 LAYER = "mixed4c"
 N_CLASSES = 300
-SIZES = (6, 12)
+SIZES = (6, 12, 40)   # 40: 1599 cells, drawn from the pre-composited level when all in view
 RARE, RARE_NAME = 7, "great white shark"
 FOX, FOX_NAME = 3, "red fox"
 
@@ -320,6 +320,46 @@ def test_class_view_full_heat_filters_legend(browser, served, site):
         assert pg.errors == []
     finally:
         pg.close()
+
+
+@needs_browser
+def test_class_view_on_the_composite(browser, served, site):
+    """A level of > 600 cells all in view is drawn from one composite image; the class view is an overlay."""
+    G = SIZES[-1]
+    pg = Page(browser, served + f"#level={G}&x=0.5&y=0.5&z=1")
+    try:
+        page = pg.page
+        page.wait_for_function("atlasViewer.stats.pending === 0")
+        assert pg.stats()["composite"]
+        plain = _pixels(page)
+        page.fill("#cls", RARE_NAME)
+        s = pg.wait_heat(f"{RARE}|1|weighted")
+        assert s["composite"] and s["level"] == G and s["heatCells"] == exported_heat_cells(site, RARE, G)
+        heat = _pixels(page)
+        assert (plain != heat).any(axis=1).mean() > 0.2
+        r, g, b = (heat[:, q].astype(int) for q in range(3))
+        orange = (r > g + 60) & (g > b + 30)            # the frames' colour scale
+        assert orange.mean() > 0.02
+        # the rare class rises with i: its frames are on the right half, faded cells on the left
+        w = page.evaluate("document.getElementById('atlas').width")
+        xs = np.arange(len(heat)) % w
+        assert orange[xs > w * 0.55].sum() > 5 * orange[xs < w * 0.45].sum()
+        page.check('input[name="filter"][value="winner"]')
+        page.fill("#cls", FOX_NAME)
+        d = json.loads((site / "data" / LAYER / f"level-{G}.json").read_text())
+        assert pg.wait_heat(f"{FOX}|1|winner")["heatCells"] == d["w"].count(FOX) > 0
+        page.screenshot(path=str(_artifact("class-view-composite.png")))
+        assert pg.errors == []
+    finally:
+        pg.close()
+
+
+def _pixels(page) -> np.ndarray:
+    data = page.evaluate("""() => { const c = document.getElementById('atlas');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let s = '';
+        for (let q = 0; q < d.length; q += 0x8000) s += String.fromCharCode.apply(null, d.subarray(q, q + 0x8000));
+        return btoa(s); }""")
+    return np.frombuffer(base64.b64decode(data), np.uint8).reshape(-1, 4)[:, :3]
 
 
 @needs_browser

@@ -247,9 +247,9 @@
 
   // pixels per cell of the offscreen composite of a level (side <= 4096 px)
   function compPx(L) { return Math.max(1, Math.min(L.icon, Math.floor(4096 / L.G))); }
-  function compositeFor(L, heat) {
-    // all cells of L drawn once into an offscreen canvas; reused while many cells are visible
-    var key = (heat ? cls + "|" + sign + "|" + filterMode + "|" + intensity : "-") + "|" + density + "|" + loadedImages;
+  function compositeFor(L) {
+    // all icons of L drawn once into an offscreen canvas; reused while many cells are visible
+    var key = density + "|" + loadedImages;
     if (L.comp && L.compKey === key) return L.comp;
     var d = L.d, G = L.G, cp = compPx(L);
     for (var s = 0; s < d.sheets.length; s++) {
@@ -261,8 +261,49 @@
     var c2 = cv.getContext("2d");
     c2.imageSmoothingEnabled = true;
     c2.clearRect(0, 0, cv.width, cv.height);
-    for (var c = 0; c < L.m; c++) drawCell(c2, L, c, d.i[c] * cp, (G - 1 - d.j[c]) * cp, cp, heat);
+    for (var c = 0; c < L.m; c++) drawCell(c2, L, c, d.i[c] * cp, (G - 1 - d.j[c]) * cp, cp, null);
     L.comp = cv; L.compKey = key;
+    return cv;
+  }
+  // the class view over the composite: per cell a veil (white, or the colour on cells too small for a frame)
+  // of alpha 1 - max(0.06, a) and a frame in the colour of a, as drawCell draws them; cells are grouped by
+  // a (in steps of 1/100) so that the whole level takes ~200 path fills instead of 25k image draws
+  function heatOverlayFor(L, hinfo) {
+    var key = hinfo.key + "|" + intensity + "|" + L.compKey;
+    if (L.hov && L.hovKey === key) return L.hov;
+    var d = L.d, G = L.G, cp = compPx(L), heat = hinfo.heat;
+    var cv = L.hov || document.createElement("canvas");
+    if (cv.width !== G * cp) cv.width = cv.height = G * cp;
+    var g = cv.getContext("2d");
+    g.clearRect(0, 0, cv.width, cv.height);
+    var buckets = [];
+    for (var c = 0; c < L.m; c++) {
+      var b = Math.round(Math.min(1, heat[c] * intensity) * 100);
+      (buckets[b] || (buckets[b] = [])).push(c);
+    }
+    for (b = 0; b <= 100; b++) {
+      var cells = buckets[b];
+      if (!cells) continue;
+      var a = b / 100, veil = 1 - Math.max(0.06, a), col = ramp(a), rgb = rampRGB(a, sign);
+      var inner = new Path2D(), small = new Path2D(), ring = new Path2D(), nSmall = 0;
+      for (var q = 0; q < cells.length; q++) {
+        c = cells[q];
+        // whole composite pixels (within half a pixel of the icon drawCell drew): no anti-aliased edges to raster
+        var rel = Math.min(1, Math.sqrt(density * d.n[c] / L.avg)), sz = cp * rel, off = Math.round((cp - sz) / 2);
+        var x = d.i[c] * cp + off, y = (G - 1 - d.j[c]) * cp + off;
+        var fw = sz >= 8 ? Math.round(Math.max(1, Math.min(4, sz * 0.08))) : 0;
+        sz = Math.round(sz);
+        if (!fw) { small.rect(x, y, sz, sz); nSmall++; continue; }
+        inner.rect(x + fw, y + fw, sz - 2 * fw, sz - 2 * fw);
+        ring.rect(x, y, sz, sz); ring.rect(x + fw, y + fw, sz - 2 * fw, sz - 2 * fw);
+      }
+      if (veil > 0) {
+        g.fillStyle = "rgba(255,255,255," + veil + ")"; g.fill(inner);
+        if (nSmall) { g.fillStyle = "rgba(" + rgb.join(",") + "," + veil + ")"; g.fill(small); }
+      }
+      g.fillStyle = col; g.fill(ring, "evenodd");
+    }
+    L.hov = cv; L.hovKey = key;
     return cv;
   }
 
@@ -317,11 +358,12 @@
     ctx.imageSmoothingEnabled = false;  // as the Distill viewer; much cheaper when many icons are scaled
     stats.composite = false;
     if (c1 >= c0 && r1 >= r0) {
-      var comp = (visibleArea > 600 && L.m > 600 && cell <= compPx(L) * 1.25) ? compositeFor(L, heat) : null;
+      var comp = (visibleArea > 600 && L.m > 600 && cell <= compPx(L) * 1.25) ? compositeFor(L) : null;
       if (comp) {
         var p = toScreen(0, 0);
         ctx.imageSmoothingEnabled = true;
         ctx.drawImage(comp, p[0], p[1], k(), k());
+        if (heat) ctx.drawImage(heatOverlayFor(L, hinfo), p[0], p[1], k(), k());
         stats.composite = true;
         for (var rr = r0; rr <= r1; rr++) for (var cc = c0; cc <= c1; cc++) if (L.grid[rr * G + cc] >= 0) drawn++;
       } else {
