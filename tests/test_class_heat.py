@@ -420,6 +420,16 @@ def test_unknown_class_suggests_close_names(browser, served, site):
         page.click("#clsmsg button.sugg >> nth=0")
         pg.wait_heat(f"{RARE}|1|weighted")
         assert page.is_hidden("#clsmsg") and page.input_value("#cls") == RARE_NAME
+        # typing: any case shows the class at once and leaves the text alone; an index needs Enter
+        page.fill("#cls", "RED FOX")
+        pg.wait_heat(f"{FOX}|1|weighted")
+        assert page.input_value("#cls") == "RED FOX"
+        page.fill("#cls", "1")
+        page.fill("#cls", "12")
+        assert pg.stats()["cls"] == FOX and page.is_hidden("#clsmsg")
+        page.press("#cls", "Enter")
+        pg.wait_heat("12|1|weighted")
+        assert page.input_value("#cls") == "grey whale"
         assert pg.errors == []
     finally:
         pg.close()

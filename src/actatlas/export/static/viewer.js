@@ -570,7 +570,7 @@
     if (h.sign) { sign = h.sign === "-1" ? -1 : 1; $("sign").value = String(sign); }
     if (h.filter) setFilter(h.filter === "winner" ? "winner" : "weighted");
     if (h["class"] !== undefined) {
-      var c = lookupClass(h["class"]);
+      var c = lookupClass(h["class"], true);
       if (c >= 0 || !h["class"].trim()) setClass(c);
       else { setClass(-1); $("cls").value = h["class"]; unknownClass(h["class"]); }
     }
@@ -594,9 +594,9 @@
     layer.levels.forEach(loadLevel);
     scheduleHash();
   }
-  function setClass(c) {
+  function setClass(c, keepText) {
     cls = c;
-    $("cls").value = c >= 0 ? names[c] : "";
+    if (!keepText) $("cls").value = c >= 0 ? names[c] : "";
     clearClassMessage();
     document.body.classList.toggle("heat", c >= 0);
     requestDraw(); scheduleHash();
@@ -608,11 +608,12 @@
     requestDraw(); scheduleHash();
   }
   function normName(x) { return String(x).toLowerCase().replace(/_/g, " ").trim(); }
-  function lookupClass(text) {
+  // a class name (any case, "_" for " ") or, when allowIndex, a class index
+  function lookupClass(text, allowIndex) {
     var v = normName(text);
     if (!v) return -1;
     if (nameIndex.has(v)) return nameIndex.get(v);
-    if (/^\d+$/.test(v) && +v < names.length) return +v;
+    if (allowIndex && /^\d+$/.test(v) && +v < names.length) return +v;
     return -1;
   }
   // Python's difflib.SequenceMatcher(None, a, b).ratio() (no junk: names are < 200 characters)
@@ -848,11 +849,11 @@
   $("level").addEventListener("change", function () { levelMode = $("level").value; requestDraw(); scheduleHash(); });
   // typing: a class is shown as soon as the text names one; Enter / leaving the box with an unknown name says so
   function classFromInput(e) {
-    var text = $("cls").value;
-    if (!text.trim()) { setClass(-1); return; }
-    var c = lookupClass(text);
-    if (c >= 0) { if (c !== cls || $("cls").value !== names[c]) setClass(c); }
-    else if (e.type === "change") unknownClass(text.trim());
+    var text = $("cls").value, typing = e.type === "input";
+    if (!text.trim()) { if (cls >= 0 || !typing) setClass(-1); else clearClassMessage(); return; }
+    var c = lookupClass(text, !typing);
+    if (c >= 0) { if (!typing) setClass(c); else if (c !== cls) setClass(c, true); else clearClassMessage(); }
+    else if (!typing) unknownClass(text.trim());
     else clearClassMessage();
   }
   $("cls").addEventListener("change", classFromInput);
@@ -860,7 +861,7 @@
   $("cls").addEventListener("keydown", function (e) { if (e.key === "Enter") classFromInput({ type: "change" }); });
   $("clsmsg").addEventListener("click", function (e) {
     var b = e.target.closest && e.target.closest("button.sugg");
-    if (b) setClass(lookupClass(b.dataset["class"]));
+    if (b) setClass(lookupClass(b.dataset["class"], false));
   });
   Array.prototype.forEach.call(document.querySelectorAll('input[name="filter"]'), function (r) {
     r.addEventListener("change", function () { if (r.checked) setFilter(r.value); });
@@ -916,7 +917,7 @@
   getJSON("manifest.json").then(function (m) {
     manifest = m;
     names = m.class_names || [];
-    names.forEach(function (n, q) { if (!nameIndex.has(String(n).toLowerCase())) nameIndex.set(String(n).toLowerCase(), q); });
+    names.forEach(function (n, q) { var k = normName(n); if (!nameIndex.has(k)) nameIndex.set(k, q); });
     document.title = m.title || "Activation atlas";
     $("title").textContent = m.title || "Activation atlas";
     $("layer").innerHTML = m.layers.map(function (l) { return "<option>" + esc(l.name) + "</option>"; }).join("");
