@@ -77,13 +77,12 @@ def bench_speed(steps: int, n_icons: int, threads: int = 2) -> dict:
 
 
 def bench_fidelity(out: Path, n_images: int) -> dict:
-    from actatlas.collect import CollectConfig
-    from actatlas.pipeline import build
+    import actatlas as aa
 
     images = str(SHARED) if SHARED.is_dir() else f"sample:{n_images}"
-    res = build("efficientnet_lite0", images, out, limit=n_images, levels=(10, 20),
-                collect_cfg=CollectConfig(per_image=2), progress=True)
-    s = res.summary
+    atlas = aa.build_atlas(images, out=out, model="efficientnet_lite0", limit=n_images, levels=(10, 20),
+                           collect=aa.CollectConfig(per_image=2))
+    s = atlas.summary
     return {"images": images, "samples": s["samples"], "levels": s["levels"],
             "mean_icon_fidelity": s["mean_icon_fidelity"], "mean_member_fidelity": s["mean_member_fidelity"],
             "seconds": s["seconds_recorded"]}

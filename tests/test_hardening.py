@@ -4,7 +4,6 @@ BENCHMARKS.md comes from a test here or in tests/test_serve.py / tests/test_imag
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -13,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +20,10 @@ from PIL import Image
 
 import actatlas as aa
 from actatlas.cli import main, parse_layers, parse_levels
+from actatlas.cli.common import flag_names
 from actatlas.collect import CollectConfig
 from actatlas.errors import UserError
-from actatlas.layout import LayoutConfig
-from actatlas.pipeline import build, run_grid
-from actatlas.render import RenderConfig
+from conftest import fast_render, tiny_build
 from actatlas.store import LayerBatch, RunLock, ShardWriter, consolidate, ensure_dir, run_lock
 
 TESTS = Path(__file__).resolve().parent
@@ -125,25 +122,25 @@ def test_folder_without_readable_image_is_one_line(tmp_path, capsys):
 # ------------------------------------------------------------------------------------- empty levels
 
 def _build(out, **kw):
-    args = dict(model="tinymodels:tiny_cnn", images="sample:40", out=out, levels=(2, 40), min_count=3,
-                collect_cfg=CollectConfig(per_image=1), layout_cfg=LayoutConfig(method="pca"),
-                render_cfg=dataclasses.replace(RenderConfig.cpu_default(), **FAST), progress=False)
+    args = dict(images="sample:40", levels=(2, 40), min_count=3, collect=CollectConfig(per_image=1),
+                render=fast_render(**FAST))
     args.update(kw)
-    return build(**args)
+    return tiny_build(out, **args)
 
 
 def test_empty_level_is_skipped_with_a_warning_and_the_rest_built(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="actatlas"):
         res = _build(tmp_path / "run")
-    assert [lv.size for lv in res.atlas.levels] == [2]
+    assert [lv.size for lv in res.levels] == [2]
     notes = [r.getMessage() for r in caplog.records if "grid level 40 skipped" in r.getMessage()]
-    assert notes and "--per-image" in notes[0] and "coarser level" in notes[0] and "more images" in notes[0]
+    assert notes and "(per_image)" in notes[0] and "coarser level" in notes[0] and "more images" in notes[0]
+    assert "(--per-image)" in flag_names(notes[0])            # how the CLI prints it
     index = json.loads((tmp_path / "run" / "grid" / "conv2" / "levels.json").read_text())
     assert index["kept"] == [2] and list(index["empty"]) == ["40"]
     stages = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
     assert all(st["status"] == "complete" for st in stages.values())
     again = _build(tmp_path / "run")                                  # a rerun skips every stage
-    assert [r.name for r in again.stages if r.ran] == ["assemble"]
+    assert [r.name for r in again.report.stages if r.ran] == ["assemble:conv2"]
 
 
 def test_all_levels_empty_fails_and_is_never_marked_complete(tmp_path):
@@ -153,7 +150,7 @@ def test_all_levels_empty_fails_and_is_never_marked_complete(tmp_path):
     assert stages["grid:conv2"]["status"] == "failed" and "no grid level" in stages["grid:conv2"]["error"]
     assert "render:conv2" not in stages
     res = _build(tmp_path / "run", levels=(2,))                       # the same run recovers
-    assert [lv.size for lv in res.atlas.levels] == [2]
+    assert [lv.size for lv in res.levels] == [2]
 
 
 def test_failed_assemble_leaves_no_atlas_to_export(tmp_path, monkeypatch, capsys):
@@ -175,7 +172,7 @@ def test_failed_assemble_leaves_no_atlas_to_export(tmp_path, monkeypatch, capsys
     assert_one_line_error(rc, err, "no")                            # the stale atlas is not published
     monkeypatch.undo()
     res = _build(tmp_path / "run", levels=(2, 4))
-    assert [lv.size for lv in res.atlas.levels] == [2, 4]
+    assert [lv.size for lv in res.levels] == [2, 4]
 
 
 def test_levels_and_layers_parsing():
@@ -361,3 +358,12 @@ def test_out_without_permission_is_one_line_as_a_normal_user(tmp_path):
         assert "cannot create run directory" in res.stderr and "ermission denied" in res.stderr
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_library_names_become_flags_only_in_the_cli():
+    assert flag_names("icon_size=1 is out of range") == "--icon-size=1 is out of range"
+    assert flag_names("more positions per image (per_image)") == "more positions per image (--per-image)"
+    assert flag_names("steps=0 and power=nan") == "--steps=0 and --power=nan"
+    assert flag_names("icons need optimisation steps; power of two; a border") == \
+        "icons need optimisation steps; power of two; a border"           # plain words stay words
+    assert flag_names("my_per_image_x") == "my_per_image_x"

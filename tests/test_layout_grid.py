@@ -4,7 +4,7 @@ A5, A10, A11)."""
 from __future__ import annotations
 
 import json
-import sys
+import os
 import warnings
 
 import numpy as np
@@ -13,9 +13,9 @@ import pytest
 from actatlas.errors import UserError
 from actatlas.grid import (cell_index, check_nesting, grid_level, grid_levels, level_to_records, load_grid,
                            reference_grid_loop, save_grid)
-from actatlas.layout import (Layout, LayoutConfig, compute_layout, ensure_numba_cache_dir, load_layout,
+from actatlas.layout import (Layout, LayoutConfig, compute_layout, load_layout,
                              normalize_layout, save_layout)
-from actatlas.whiten import (load_whitening, save_whitening, second_moment, whitening_from_moment,
+from actatlas.whiten import (second_moment, whitening_from_moment,
                              whitening_matrix)
 
 
@@ -283,9 +283,6 @@ def test_whitening_identity(tmp_path):
     mm = np.load(tmp_path / "a.npy", mmap_mode="r")
     m16 = np.asarray(mm, np.float64)
     np.testing.assert_allclose(second_moment(mm, chunk_rows=97), m16.T @ m16 / len(m16), rtol=1e-10)
-    save_whitening(reg, tmp_path, "mixed4c")
-    back = load_whitening(tmp_path, "mixed4c")
-    assert np.array_equal(back.S, reg.S) and back.ridge_lambda == reg.ridge_lambda
 
 
 def test_whitening_singular_needs_ridge():
@@ -396,15 +393,26 @@ def test_bad_layout_configs():
 
 
 def test_numba_cache_dir(monkeypatch, tmp_path):
+    from actatlas.runtime import default_numba_cache_dir
+
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "given"))
-    assert ensure_numba_cache_dir() == str(tmp_path / "given")
+    assert default_numba_cache_dir() == str(tmp_path / "given")
     monkeypatch.delenv("NUMBA_CACHE_DIR")
     monkeypatch.setenv("ACTATLAS_CACHE", str(tmp_path / "aa"))
-    try:
-        assert ensure_numba_cache_dir() == str(tmp_path / "aa" / "numba")
-        assert (tmp_path / "aa" / "numba").is_dir()
-    finally:
-        monkeypatch.undo()                   # numba re-read its config: point it back
-        if "numba" in sys.modules:
-            from numba.core import config
-            config.reload_config()
+    assert default_numba_cache_dir() == str(tmp_path / "aa" / "numba")
+    monkeypatch.delenv("ACTATLAS_CACHE")
+    assert default_numba_cache_dir().endswith(os.path.join(".cache", "actatlas", "numba"))
+
+
+@pytest.mark.slow  # imports umap-learn
+def test_enable_numba_cache_switches_umaps_functions_to_disk_caching():
+    """Explicit and process-wide: after the call umap-learn's jitted functions cache to the folder."""
+    import umap.umap_ as umap_mod
+    from numba.core.registry import CPUDispatcher
+
+    from actatlas.runtime import default_numba_cache_dir, enable_numba_cache
+
+    d = enable_numba_cache()
+    assert d == default_numba_cache_dir() == os.environ["NUMBA_CACHE_DIR"] and os.path.isdir(d)
+    jitted = [f for f in vars(umap_mod).values() if isinstance(f, CPUDispatcher)]
+    assert jitted and all(type(f._cache).__name__ != "NullCache" for f in jitted)

@@ -27,7 +27,6 @@ from actatlas.cli import main
 from actatlas.collect import CollectConfig
 from actatlas.errors import UserError
 from actatlas.layout import LayoutConfig
-from actatlas.pipeline import build
 from actatlas.render import RenderConfig
 
 TESTS = Path(__file__).resolve().parent
@@ -58,10 +57,10 @@ def world(tmp_path_factory):
     common = [c for c, n in counts.items() if n >= 2 and c != target]
     assert len(counts) >= 3 and rare and common, f"need varied predictions, got {counts}"
     run = root / "run"
-    build(model=MODEL, images=str(folder), out=run, levels=(2, 4), min_count=2,
-          collect_cfg=CollectConfig(per_image=8, batch_size=32), layout_cfg=LayoutConfig(method="pca"),
-          render_cfg=dataclasses.replace(RenderConfig.cpu_default(), steps=6, icon_size=24, batch_size=8),
-          progress=False)
+    aa.build_atlas(str(folder), out=run, model=MODEL, levels=(2, 4), min_count=2,
+                   collect=CollectConfig(per_image=8, batch_size=32), layout=LayoutConfig(method="pca"),
+                   render=dataclasses.replace(RenderConfig.cpu_default(), steps=6, icon_size=24, batch_size=8),
+                   runtime=aa.Runtime(progress=False, numba_cache=False))
     patch = root / "stripes.png"
     arr = np.zeros((40, 40, 3), np.uint8)
     arr[:, ::4] = (255, 20, 20)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -14,37 +13,27 @@ import pytest
 
 import actatlas as aa
 from actatlas.atlas import Atlas, AtlasLevel
-from actatlas.collect import CollectConfig
-from actatlas.layout import LayoutConfig
-from actatlas.pipeline import build, run_render
-from actatlas.render import RenderConfig
+from actatlas.pipeline import run_render
+from conftest import fast_render, tiny_build
 
 TESTS = Path(__file__).resolve().parent
 
-FAST_RENDER = dict(steps=8, attempts=1, icon_size=24, batch_size=8, transforms="recipe")
-
 
 def _render_cfg(**kw):
-    return dataclasses.replace(RenderConfig.cpu_default(), **{**FAST_RENDER, **kw})
+    return fast_render(**kw)
 
 
 def _build(out, **kw):
-    args = dict(model="tinymodels:tiny_cnn", images="sample:160", out=out, levels=(2, 4), min_count=2,
-                collect_cfg=CollectConfig(per_image=2, batch_size=32),
-                layout_cfg=LayoutConfig(method="umap", n_neighbors=10, seed=0),
-                render_cfg=_render_cfg(), progress=False)
-    args.update(kw)
-    return build(**args)
+    return tiny_build(out, **kw)
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    out = tmp_path_factory.mktemp("build") / "run"
-    return _build(out)
+    return _build(tmp_path_factory.mktemp("build") / "run")
 
 
 def test_build_writes_every_artifact(built):
-    out = built.run_dir
+    out = built.report.run_dir
     s = json.loads((out / "summary.json").read_text())
     assert s["samples"] == 320
     assert [lv["size"] for lv in s["levels"]] == [2, 4]
@@ -66,19 +55,19 @@ def test_build_writes_every_artifact(built):
 
 
 def test_rebuild_with_same_config_does_no_work(built):
-    again = _build(built.run_dir)
-    assert [r.name for r in again.stages if r.ran and r.name != "assemble"] == []
-    np.testing.assert_array_equal(again.atlas.level(4).icons, built.atlas.level(4).icons)
+    again = _build(built.report.run_dir)
+    assert [r.name for r in again.report.stages if r.ran and r.name != "assemble:conv2"] == []
+    np.testing.assert_array_equal(again.level(4).icons, built.level(4).icons)
 
 
 def test_changing_render_steps_reruns_only_render(built, tmp_path):
     import shutil
 
     out = tmp_path / "copy"
-    shutil.copytree(built.run_dir, out)
-    res = _build(out, render_cfg=_render_cfg(steps=12))
-    ran = {r.name for r in res.stages if r.ran}
-    assert ran == {"render:conv2", "assemble"}
+    shutil.copytree(built.report.run_dir, out)
+    res = _build(out, render=_render_cfg(steps=12))
+    ran = {r.name for r in res.report.stages if r.ran}
+    assert ran == {"render:conv2", "assemble:conv2"}
 
 
 def test_interrupted_render_resumes_to_identical_icons(built, tmp_path, monkeypatch):
@@ -87,7 +76,7 @@ def test_interrupted_render_resumes_to_identical_icons(built, tmp_path, monkeypa
     import actatlas.render as render_pkg
 
     out = tmp_path / "copy"
-    shutil.copytree(built.run_dir, out)
+    shutil.copytree(built.report.run_dir, out)
     cfg = _render_cfg(steps=10, batch_size=2)
     real = render_pkg.render_icons
     calls = {"n": 0}
@@ -110,14 +99,15 @@ def test_interrupted_render_resumes_to_identical_icons(built, tmp_path, monkeypa
         return real(*a, **k)
 
     monkeypatch.setattr(render_pkg, "render_icons", counting)
-    rep, icons, _ = run_render(out, "conv2", cfg, progress=False)
+    res = run_render(out, "conv2", cfg, progress=False)
+    rep, icons = res.report, res.icons
     assert rep.ran
-    total_batches = sum(-(-len(built.atlas.level(g).i) // 2) for g in (2, 4))
+    total_batches = sum(-(-len(built.level(g).i) // 2) for g in (2, 4))
     assert counter["n"] == total_batches - 2 and calls_before == 3
     # an uninterrupted render with the same config gives the same icons
     out2 = tmp_path / "copy2"
-    shutil.copytree(built.run_dir, out2)
-    _, icons2, _ = run_render(out2, "conv2", cfg, progress=False)
+    shutil.copytree(built.report.run_dir, out2)
+    icons2 = run_render(out2, "conv2", cfg, progress=False).icons
     for g in (2, 4):
         np.testing.assert_array_equal(icons[g]["images"], icons2[g]["images"])
 
@@ -148,3 +138,48 @@ def test_cli_build_json(tmp_path):
     assert s["samples"] == 64 and Path(s["pngs"]["4"]).is_file()
     bad = subprocess.run(cmd[:-2] + ["--levels", "a,b"], capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode == 2 and "levels" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------- the API
+
+def test_build_atlas_continues_a_run_from_out_alone(built, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(built.report.run_dir, out)
+    again = aa.build_atlas(out=out, runtime=aa.Runtime(progress=False, numba_cache=False))
+    assert [r.name for r in again.report.stages if r.ran] == ["assemble:conv2"]   # everything else up to date
+    np.testing.assert_array_equal(again.level(4).icons, built.level(4).icons)
+    more = aa.build_atlas(out=out, levels=(2, 4, 8), runtime=aa.Runtime(progress=False, numba_cache=False))
+    assert [lv.size for lv in more.levels] == [2, 4, 8]
+    assert {r.name for r in more.report.stages if r.ran} == {"grid:conv2", "render:conv2", "assemble:conv2"}
+    with pytest.raises(aa.ConfigError, match="no run to continue"):
+        aa.build_atlas(out=tmp_path / "nothing-here")
+
+
+def test_build_atlas_takes_a_model_object(tmp_path):
+    from tinymodels import tiny_cnn, tiny_module
+
+    spec = tiny_cnn()
+    a = tiny_build(tmp_path / "spec", model=spec, levels=(2,))
+    assert a.summary["model"] == spec.name and [lv.size for lv in a.levels] == [2]
+    b = tiny_build(tmp_path / "module", model=tiny_module(), levels=(2,), images="sample:40")
+    assert b.level(2).icons.shape[1:] == (24, 24, 3)
+
+
+def test_runtime_precedence_collect_config_device_is_kept(tmp_path, monkeypatch):
+    """build_atlas without runtime= takes device/engine/threads from the CollectConfig (an old bug let a
+    default device argument overwrite them); with runtime= the runtime decides."""
+    import actatlas.pipeline as pl
+
+    seen = []
+    real = pl.collect_activations
+    monkeypatch.setattr(pl, "collect_activations", lambda spec, src, out, cfg, **kw: (seen.append(cfg), real(
+        spec, src, out, cfg, **kw))[1])
+    with pytest.raises(aa.UserError, match="CUDA|cuda"):
+        tiny_build(tmp_path / "a", collect=aa.CollectConfig(device="cuda:99"), runtime=None)
+    tiny_build(tmp_path / "b", collect=aa.CollectConfig(per_image=2, threads=1), runtime=None, levels=(2,))
+    assert seen[-1].threads == 1 and seen[-1].device == "cpu"
+    tiny_build(tmp_path / "c", collect=aa.CollectConfig(per_image=2, threads=1), levels=(2,),
+               runtime=aa.Runtime(progress=False, threads=2, numba_cache=False))
+    assert seen[-1].threads == 2

@@ -99,8 +99,10 @@ def test_ray_render_equals_local(session, local_run):
     icons = {}
     for engine in ("local", "ray"):
         shutil.copytree(base / "prep", base / engine)
-        rep, icons[engine], S = run_render(base / engine, "conv2", cfg, progress=False, engine=engine, threads=1)
-        assert rep.ran and S is not None
+        res = run_render(base / engine, "conv2", cfg, progress=False,
+                         runtime=aa.Runtime(engine=engine, threads=1, progress=False, numba_cache=False))
+        icons[engine] = res.icons
+        assert res.report.ran and res.S is not None
     assert icons["local"].keys() == icons["ray"].keys()
     n = 0
     for g in icons["local"]:

@@ -3,30 +3,38 @@
 Quick start::
 
     import actatlas as aa
-    spec = aa.load_model("efficientnet_lite0")
-    result = aa.collect(spec, aa.images("photos/"), out="runs/demo")
-    run = aa.open_run("runs/demo")
-    acts = run.activations(run.layers[0])        # [n, c], memory-mapped
+    atlas = aa.build_atlas("photos/", out="runs/demo", levels=(10, 20),
+                           render=aa.RenderConfig.cpu_default(steps=64))
+    atlas.save_site("runs/demo/site")           # then: actatlas serve runs/demo/site
+    aa.show(atlas)                              # in Jupyter: the interactive viewer
+
+    aa.build_atlas(out="runs/demo", levels=(10, 20, 40))   # continue the same run, one more level
+
+Lower down: ``aa.collect`` (activations + attributions into a run directory), ``aa.open_run``
+(memory-mapped arrays and provenance), ``aa.load_model``, ``aa.images``; the stage functions live
+in ``actatlas.pipeline`` and the analysis views in ``actatlas.analysis``.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("actatlas")
-except PackageNotFoundError:  # running from a source tree without install
-    __version__ = "0.0.0+local"
-
-from .errors import UserError  # noqa: E402
+from .version import __version__
+from .errors import (ActatlasError, ConfigError, DataError, ModelError, RunLockedError, RunStateError,  # noqa: E402
+                     UserError)
 from .models import ModelSpec, Preprocess, list_models, load_model  # noqa: E402
 from .data import ImageSource, images  # noqa: E402
 from .hooks import capture, list_layers  # noqa: E402
+from .runtime import Runtime, enable_numba_cache  # noqa: E402
 from .collect import CollectConfig, CollectResult, collect  # noqa: E402
 from .run import Run, Rows, open_run  # noqa: E402
 from .evaluate import EvalResult, evaluate  # noqa: E402
+from .layout import LayoutConfig  # noqa: E402
+from .render import RenderConfig  # noqa: E402
 from .atlas import Atlas, open_atlas  # noqa: E402
+from .pipeline import BuildReport, build_atlas  # noqa: E402
+# from .export import show  # noqa: E402  (TEMP until export.show lands)
 
 __all__ = [
-    "__version__", "UserError", "ModelSpec", "Preprocess", "list_models", "load_model", "ImageSource", "images",
-    "capture", "list_layers", "CollectConfig", "CollectResult", "collect", "Run", "Rows", "open_run",
-    "EvalResult", "evaluate", "Atlas", "open_atlas",
+    "__version__", "build_atlas", "BuildReport", "Atlas", "open_atlas", "show", "LayoutConfig", "RenderConfig",
+    "CollectConfig", "Runtime", "enable_numba_cache", "collect", "CollectResult", "open_run", "Run", "Rows",
+    "load_model", "list_models", "ModelSpec", "Preprocess", "images", "ImageSource", "capture", "list_layers",
+    "evaluate", "EvalResult", "UserError", "ActatlasError", "ConfigError", "DataError", "ModelError",
+    "RunStateError", "RunLockedError",
 ]

@@ -27,8 +27,6 @@ float32 copy of [n, c].
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -39,8 +37,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .layout import write_atomic
-from .store import drop_pages, layer_dirname, write_json_atomic
+from .store import drop_pages, layer_dirname, save_npz_atomic, write_json_atomic
 
 MAX_GRID = 8192         # cells per side (bookkeeping arrays have G*G entries)
 _FLUSH_ROWS = 1 << 18  # rows summed in float32 before adding into the float64 totals
@@ -138,21 +135,7 @@ def grid_levels(coords: np.ndarray, acts: np.ndarray, levels: Sequence[int] = (2
     `acts` (one over `attributions`) whatever the number of levels; progress=True shows tqdm bars.
     """
     _, c, levels = _validate(coords, acts, attributions, levels, min_count, topk, n_closest, chunk_rows)
-    with _torch_threads(1):
-        return _grid_levels(coords, acts, levels, attributions, min_count, topk, n_closest, chunk_rows,
-                            progress, c)
-
-
-@contextlib.contextmanager
-def _torch_threads(k: int):
-    """Run torch single-threaded here: the scatter-adds are memory-bound (2 threads gained nothing), and
-    on a loaded 2-core box each 2-thread ``index_add_`` call showed a fixed ~80 ms stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(k)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return _grid_levels(coords, acts, levels, attributions, min_count, topk, n_closest, chunk_rows, progress, c)
 
 
 def _grid_levels(coords, acts, levels, attributions, min_count, topk, n_closest, chunk_rows, progress,
@@ -468,19 +451,34 @@ def reference_grid_loop(coords: np.ndarray, acts: np.ndarray, G: int, threshold:
 # ----------------------------------------------------------------------------------------------
 # artifacts: <dir>/<layer>/level-<G>.json (records) + level-<G>.npz (all arrays)
 
-def level_to_records(level: GridLevel, class_names: Sequence[str] | None = None,
-                     n_members: int = 16) -> list[dict]:
-    """One JSON-able dict per kept cell: {i, j, n, top: [[class, name, value], ...],
-    members: first n_members row ids, closest: row ids (best first)}."""
+def level_to_records(level, class_names: Sequence[str] | None = None, n_members: int | None = 16, *,
+                     digits: int | None = None, unknown_name: bool = False) -> list[dict]:
+    """One JSON-able dict per kept cell: {i, j, n, top: [[class, name, value], ...]} and, unless
+    `n_members` is None, members: the first n_members row ids, closest: row ids (best first).
+
+    The one builder of per-cell records: ``Atlas.records`` and the analysis views' cell records are
+    these plus their own fields. level: a `GridLevel`, or anything with i, j, count [m] and
+    top_classes, top_values [m, k] (an ``AtlasLevel``, with ``n_members=None``); digits: round the
+    values to this many digits (None: as stored); unknown_name: a class id outside `class_names` is
+    named by its number (``"-1"``) instead of None.
+    """
     names = list(class_names) if class_names is not None else []
-    name = lambda c: names[c] if 0 <= c < len(names) else None  # noqa: E731
-    off, rows = level.member_offsets.tolist(), level.member_rows
-    return [{"i": i, "j": j, "n": n, "top": [[c, name(c), v] for c, v in zip(tc, tv)],
-             "members": rows[off[k]:min(off[k + 1], off[k] + n_members)].tolist(),
-             "closest": [r for r in cl if r >= 0]}
-            for k, (i, j, n, tc, tv, cl) in enumerate(zip(
-                level.i.tolist(), level.j.tolist(), level.count.tolist(), level.top_classes.tolist(),
-                level.top_values.tolist(), level.closest.tolist()))]
+
+    def name(c: int) -> str | None:
+        return names[c] if 0 <= c < len(names) else (str(c) if unknown_name else None)
+
+    def val(v: float) -> float:
+        return v if digits is None else round(v, digits)
+
+    out = [{"i": i, "j": j, "n": n, "top": [[c, name(c), val(v)] for c, v in zip(tc, tv)]}
+           for i, j, n, tc, tv in zip(level.i.tolist(), level.j.tolist(), level.count.tolist(),
+                                      level.top_classes.tolist(), level.top_values.tolist())]
+    if n_members is not None:
+        off, rows = level.member_offsets.tolist(), level.member_rows
+        for k, (rec, cl) in enumerate(zip(out, level.closest.tolist())):
+            rec["members"] = rows[off[k]:min(off[k + 1], off[k] + n_members)].tolist()
+            rec["closest"] = [r for r in cl if r >= 0]
+    return out
 
 
 _ARRAYS = ("i", "j", "count", "mean_activation", "top_classes", "top_values", "member_offsets",
@@ -505,13 +503,7 @@ def save_grid(levels: Sequence[GridLevel], directory: str | Path, layer: str,
         if lv.mean_attribution is not None:
             arrays["mean_attribution"] = lv.mean_attribution
 
-        def _w(tmp: Path, arrays=arrays) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-
-        write_atomic(d / f"level-{lv.size}.npz", _w)
+        save_npz_atomic(d / f"level-{lv.size}.npz", **arrays)
         write_json_atomic(d / f"level-{lv.size}.json", {
             "layer": layer, "size": lv.size, "min_count": lv.min_count, "n_rows": lv.n_rows,
             "n_cells": lv.m, "n_in_cells": int(lv.count.sum()), "axes": AXES_NOTE,

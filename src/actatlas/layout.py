@@ -8,11 +8,10 @@ Determinism: with ``seed`` set (default 0) and ``deterministic=True`` umap-learn
 thread, so the same data and seed give a bit-identical layout. ``deterministic=False`` lets it use
 all cores (faster on big inputs, not reproducible). t-SNE and PCA are deterministic for a fixed seed.
 
-numba: umap-learn compiles its kernels on first use in every process (~30-60 s here). We point numba
-at an on-disk cache (``NUMBA_CACHE_DIR``, default ``~/.cache/actatlas/numba`` or
-``$ACTATLAS_CACHE/numba``) and switch caching on for umap-learn's and pynndescent's jitted functions
-(most are declared without ``cache=True``), which turns a warm process's UMAP JIT from ~30 s into ~1 s.
-Set ``ACTATLAS_UMAP_JIT_CACHE=0`` to leave umap-learn's functions untouched.
+numba: umap-learn compiles its kernels on first use in every process (~30-60 s here). This module
+changes no global state; call ``actatlas.enable_numba_cache()`` once (``Runtime.apply`` does, at the
+CLI's and ``build_atlas``'s start) to keep the compiled code on disk, which turns a warm process's
+UMAP JIT from ~30 s into ~1 s.
 """
 
 from __future__ import annotations
@@ -20,18 +19,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from .errors import UserError
-from .store import drop_pages, layer_dirname, write_json_atomic
+from .store import drop_pages, layer_dirname, save_npy_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -193,64 +190,14 @@ class Layout:
 # ----------------------------------------------------------------------------------------------
 # numba / umap set-up
 
-_UMAP_PREPARED = False
-
-
-def ensure_numba_cache_dir() -> str:
-    """Point numba's on-disk cache at a persistent folder unless ``NUMBA_CACHE_DIR`` is already set.
-
-    Default: ``$ACTATLAS_CACHE/numba`` or ``~/.cache/actatlas/numba``. Returns the folder in use.
-    """
-    d = os.environ.get("NUMBA_CACHE_DIR")
-    if not d:
-        base = os.environ.get("ACTATLAS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                               "actatlas")
-        d = os.path.join(base, "numba")
-        os.environ["NUMBA_CACHE_DIR"] = d
-        if "numba" in sys.modules:  # numba read its config at import; make it re-read it
-            try:
-                from numba.core import config as numba_config
-                numba_config.reload_config()
-            except Exception:  # pragma: no cover - numba internals moved
-                log.debug("numba already imported; NUMBA_CACHE_DIR=%s may not take effect", d)
-    with contextlib.suppress(OSError):
-        os.makedirs(d, exist_ok=True)
-    return d
-
-
-def _import_umap():
-    """Import umap-learn with numba's disk cache on (see the module docstring)."""
-    global _UMAP_PREPARED
-    ensure_numba_cache_dir()
+def import_umap():
+    """umap-learn, or a UserError saying how to install it. Its numba code is cached on disk only
+    after an explicit ``actatlas.enable_numba_cache()`` (``Runtime.apply`` calls it)."""
     try:
         import umap
     except ImportError as exc:  # pragma: no cover - umap-learn is a dependency
         raise UserError("method 'umap' needs umap-learn: pip install umap-learn") from exc
-    if not _UMAP_PREPARED:
-        _UMAP_PREPARED = True
-        if os.environ.get("ACTATLAS_UMAP_JIT_CACHE", "1") != "0":
-            n = _enable_jit_cache(("umap", "pynndescent"))
-            log.debug("numba caching enabled on %d umap/pynndescent functions", n)
     return umap
-
-
-def _enable_jit_cache(prefixes: tuple[str, ...]) -> int:
-    try:
-        from numba.core.registry import CPUDispatcher
-    except Exception:  # pragma: no cover
-        return 0
-    count = 0
-    for name, mod in list(sys.modules.items()):
-        if mod is None or not name.startswith(prefixes):
-            continue
-        for obj in list(vars(mod).values()):
-            if isinstance(obj, CPUDispatcher) and type(obj._cache).__name__ == "NullCache":
-                try:
-                    obj.enable_caching()
-                    count += 1
-                except Exception:  # pragma: no cover - e.g. a function defined in a notebook
-                    pass
-    return count
 
 
 @contextlib.contextmanager
@@ -395,7 +342,7 @@ def _umap(x: np.ndarray, cfg: LayoutConfig, params: dict, progress: bool) -> tup
         from cuml.manifold import UMAP as CuUMAP  # pragma: no cover - needs a GPU
         model = CuUMAP(random_state=cfg.seed, verbose=progress, **kw)
     else:
-        umap = _import_umap()
+        umap = import_umap()
         seeded = cfg.seed is not None and cfg.deterministic
         model = umap.UMAP(random_state=cfg.seed if seeded else None, n_jobs=1 if seeded else -1,
                           transform_seed=cfg.seed if cfg.seed is not None else 42,
@@ -433,27 +380,6 @@ def _tsne(x: np.ndarray, cfg: LayoutConfig, params: dict, progress: bool) -> np.
 
 # ----------------------------------------------------------------------------------------------
 # artifacts: <dir>/<layer>.npy (coords), <layer>.raw.npy, <layer>.json
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary path beside `path`, then rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    def _w(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(array))
-            f.flush()
-            os.fsync(f.fileno())
-    write_atomic(path, _w)
-
 
 def _layout_paths(directory: Path, layer: str) -> tuple[Path, Path, Path]:
     stem = layer_dirname(layer)

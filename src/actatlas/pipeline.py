@@ -1,9 +1,13 @@
-"""collect -> layout -> grid -> whiten -> render -> assemble, with skip and resume.
+"""collect -> layout -> grid -> whiten -> render -> assemble, with skip and resume; `build_atlas`.
 
-Each stage is keyed by a hash of its own config and of the hashes of the stages it reads, recorded
-in ``RUN/manifest.json``. A stage whose key is unchanged and whose status is complete is skipped; a
-stage interrupted part-way resumes (collect by shard, render by icon batch). Changing only the
+Each stage runs through the one stage engine (`actatlas.stages.run_stage`): it is keyed by a hash of
+its own config and of the hashes of the stages it reads, recorded in ``RUN/manifest.json``. A stage
+whose key is unchanged and whose status is complete is skipped; a stage interrupted part-way resumes
+(collect by shard, render by icon batch); a failed stage is never marked complete. Changing only the
 render settings therefore reruns only render and assemble.
+
+Stage functions return typed results (`LayoutResult`, `GridResult`, ...); `build_atlas` runs them all
+and returns the `Atlas`, with what it did in ``atlas.report`` (a `BuildReport`).
 """
 
 from __future__ import annotations
@@ -11,83 +15,91 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from . import render as render_pkg
 from .atlas import Atlas, AtlasLevel, atlas_dir
-from .collect import CollectConfig, collect, config_hash
-from .errors import UserError
-from .run import Run, open_run, read_manifest
-from .store import ensure_dir, layer_dirname, run_lock, write_json_atomic
+from .collect import CollectConfig
+from .collect import collect as collect_activations
+from .data import ImageSource
+from .data import images as make_images
+from .errors import ConfigError
+from .grid import GridLevel, grid_levels, load_grid, save_grid
+from .layout import Layout, LayoutConfig, compute_layout, load_layout, save_layout
+from .models import ModelSpec, load_model, prepare_spec, spec_from_module
+from .render import RenderConfig, fidelity_of_activations
+from .render.icons import render_icon_batch
+from .run import Run, load_run_model, open_run
+from .runtime import Runtime
+from .stages import StageReport, config_hash, read_manifest, run_stage, stage_hash, update_manifest
+from .store import ensure_dir, layer_dirname, run_lock, save_npy_atomic, save_npz_atomic, write_json_atomic
+from .whiten import whitening_matrix
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MODEL = "efficientnet_lite0"
+DEFAULT_LEVELS = (10, 20, 40)
+DEFAULT_MIN_COUNT = 6
+
+
+# ----------------------------------------------------------------------------------------------
+# typed stage results
+
 
 @dataclass
-class StageReport:
-    name: str
-    ran: bool
-    seconds: float
-    hash: str
+class LayoutResult:
+    report: StageReport
+    layout: Layout
 
 
 @dataclass
-class BuildResult:
-    """What `build` did: per-stage reports, the atlas, canvas PNG paths and the summary dict."""
+class GridResult:
+    report: StageReport
+    levels: list[GridLevel]
+
+
+@dataclass
+class WhitenResult:
+    report: StageReport
+    S: np.ndarray          # [c, c] float32 whitening matrix (method.md §1.8)
+
+
+@dataclass
+class RenderResult:
+    """Icons per level size: {G: {"images": uint8 [m, P, P, 3], "objective": [m], "fidelity": [m]}}."""
+
+    report: StageReport
+    icons: dict[int, dict[str, np.ndarray]]
+    S: np.ndarray | None
+
+
+@dataclass
+class AssembleResult:
+    report: StageReport
+    atlas: Atlas
+    pngs: dict[int, Path]
+
+
+@dataclass
+class BuildReport:
+    """What `build_atlas` did: per-stage reports, canvas PNG paths and the summary dict."""
 
     run_dir: Path
     layer: str
     stages: list[StageReport]
-    atlas: Atlas
     pngs: dict[int, Path]
     summary: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------
-# stage bookkeeping
-
-
-def _stage(run_dir: Path, key: str, record: dict, fn: Callable[[bool], None],
-           outputs_ok: Callable[[], bool], force: bool = False) -> StageReport:
-    """Run `fn(resume)` unless the manifest says stage `key` is complete with the same record hash
-    (or `force`). Holds the run's lock throughout. A stage is marked complete only after `fn`
-    returns; an exception (or an interrupt) marks it "failed" with the reason, never complete."""
-    h = config_hash(record)
-    with run_lock(run_dir, f"stage {key}"):
-        manifest = read_manifest(run_dir)
-        st = manifest.get("stages", {}).get(key)
-        if not force and st and st.get("hash") == h and st.get("status") == "complete" and outputs_ok():
-            log.info("stage %s unchanged: skipped", key)
-            return StageReport(key, False, 0.0, h)
-        resume = bool(st and st.get("hash") == h)
-        manifest.setdefault("stages", {})[key] = {"hash": h, "config": record, "status": "running"}
-        write_json_atomic(run_dir / "manifest.json", manifest)
-        t0 = time.perf_counter()
-        try:
-            fn(resume)
-        except BaseException as exc:
-            manifest = read_manifest(run_dir)
-            manifest["stages"][key].update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
-            write_json_atomic(run_dir / "manifest.json", manifest)
-            raise
-        seconds = time.perf_counter() - t0
-        manifest = read_manifest(run_dir)
-        manifest["stages"][key].update(status="complete", seconds=round(seconds, 3))
-        manifest["stages"][key].pop("error", None)
-        write_json_atomic(run_dir / "manifest.json", manifest)
-    return StageReport(key, True, seconds, h)
-
-
-def stage_hash(run_dir: Path, key: str) -> str:
-    st = read_manifest(run_dir).get("stages", {}).get(key)
-    if not st or st.get("status") != "complete":
-        raise UserError(f"stage {key!r} has not completed in {run_dir}; run it first (or 'actatlas build')")
-    return st["hash"]
+# helpers
 
 
 def _config_dict(cfg) -> dict:
@@ -97,11 +109,12 @@ def _config_dict(cfg) -> dict:
     return d
 
 
-def _check_layer(run: Run, layer: str | None) -> str:
+def check_layer(run: Run, layer: str | None) -> str:
+    """`layer` if it was collected in `run` (None: the first collected layer); else a UserError."""
     if layer is None:
         return run.layers[0]
     if layer not in run.layers:
-        raise UserError(f"layer {layer!r} was not collected in {run.path}; collected: {', '.join(run.layers)}")
+        raise ConfigError(f"layer {layer!r} was not collected in {run.path}; collected: {', '.join(run.layers)}")
     return layer
 
 
@@ -109,41 +122,35 @@ def _check_layer(run: Run, layer: str | None) -> str:
 # stages
 
 
-def run_layout(run_dir: str | Path, layer: str | None = None, cfg=None, progress: bool = True):
+def run_layout(run_dir: str | Path, layer: str | None = None, cfg: LayoutConfig | None = None,
+               progress: bool = True) -> LayoutResult:
     """Stage: 2-D layout of the layer's activations (method.md §1.4–1.5) -> ``RUN/layout/<layer>``."""
-    from .layout import LayoutConfig, compute_layout, load_layout, save_layout
-
     run_dir = Path(run_dir)
     run = open_run(run_dir)
-    layer = _check_layer(run, layer)
+    layer = check_layer(run, layer)
     cfg = cfg or LayoutConfig()
     record = {"collect": stage_hash(run_dir, "collect"), "layer": layer, "layout": _config_dict(cfg)}
     out = run_dir / "layout"
 
     def fn(resume):
-        layout = compute_layout(run.activations(layer), cfg, progress=progress)
-        save_layout(layout, out, layer)
+        save_layout(compute_layout(run.activations(layer), cfg, progress=progress), out, layer)
 
-    rep = _stage(run_dir, f"layout:{layer}", record, fn,
-                 lambda: (out / f"{layer_dirname(layer)}.npy").is_file())
-    return rep, load_layout(out, layer)
+    rep = run_stage(run_dir, f"layout:{layer}", record, fn, lambda: (out / f"{layer_dirname(layer)}.npy").is_file())
+    return LayoutResult(rep, load_layout(out, layer))
 
 
-def run_grid(run_dir: str | Path, layer: str | None = None, levels: Sequence[int] = (10, 20, 40),
-             min_count: int = 6, topk: int = 5, progress: bool = True):
+def run_grid(run_dir: str | Path, layer: str | None = None, levels: Sequence[int] = DEFAULT_LEVELS,
+             min_count: int = DEFAULT_MIN_COUNT, topk: int = 5, progress: bool = True) -> GridResult:
     """Stage: multi-level grid over the layout (method.md §1.6–1.7, §2) -> ``RUN/grid/<layer>``.
 
     A level in which no cell reaches `min_count` samples is skipped with a warning (recorded in
-    ``levels.json``); the others are built. No non-empty level at all is a UserError."""
-    from .grid import grid_levels, load_grid, save_grid
-    from .layout import load_layout
-
+    ``levels.json``); the others are built. No non-empty level at all is a ConfigError."""
     run_dir = Path(run_dir)
     run = open_run(run_dir)
-    layer = _check_layer(run, layer)
+    layer = check_layer(run, layer)
     levels = sorted({int(g) for g in levels})
     if not levels or levels[0] < 1:
-        raise UserError("grid levels must be positive integers, e.g. 10,20,40")
+        raise ConfigError("grid levels must be positive integers, e.g. 10,20,40")
     record = {"layout": stage_hash(run_dir, f"layout:{layer}"), "levels": levels, "min_count": min_count,
               "topk": topk}
     out = run_dir / "grid"
@@ -151,14 +158,14 @@ def run_grid(run_dir: str | Path, layer: str | None = None, levels: Sequence[int
 
     def fn(resume):
         coords = load_layout(run_dir / "layout", layer).coords
-        attr = run.attributions(layer)
-        lv = grid_levels(coords, run.activations(layer), levels, attributions=attr, min_count=min_count, topk=topk)
+        lv = grid_levels(coords, run.activations(layer), levels, attributions=run.attributions(layer),
+                         min_count=min_count, topk=topk)
         empty = {g.size: _empty_level_note(g.size, len(coords), min_count) for g in lv if len(g.i) == 0}
         kept = [g for g in lv if len(g.i)]
         if not kept:
-            raise UserError(f"no grid level has a cell with at least {min_count} samples ({len(coords)} samples "
-                            f"in all; levels {', '.join(map(str, levels))}): collect more images or more "
-                            "positions per image, or use coarser levels")
+            raise ConfigError(f"no grid level has a cell with at least {min_count} samples ({len(coords)} samples "
+                              f"in all; levels {', '.join(map(str, levels))}): collect more images or more "
+                              "positions per image (per_image), or use coarser levels")
         save_grid(kept, out, layer, run.class_names)
         write_json_atomic(index, {"requested": levels, "kept": [g.size for g in kept],
                                   "empty": {str(k): v for k, v in empty.items()}})
@@ -169,146 +176,118 @@ def run_grid(run_dir: str | Path, layer: str | None = None, levels: Sequence[int
         kept = json.loads(index.read_text())["kept"]
         return all((out / layer_dirname(layer) / f"level-{g}.npz").is_file() for g in kept)
 
-    rep = _stage(run_dir, f"grid:{layer}", record, fn, outputs_ok)
+    rep = run_stage(run_dir, f"grid:{layer}", record, fn, outputs_ok)
     for note in json.loads(index.read_text()).get("empty", {}).values():
         log.warning("%s", note)
-    return rep, load_grid(out, layer)
+    return GridResult(rep, load_grid(out, layer))
 
 
 def _empty_level_note(size: int, n: int, min_count: int) -> str:
     return (f"grid level {size} skipped: none of its {size}x{size} cells holds {min_count} or more of the "
-            f"{n} samples; to fill it, collect more images or more positions per image (--per-image), "
+            f"{n} samples; to fill it, collect more images or more positions per image (per_image), "
             f"or use a coarser level")
 
 
-def run_whiten(run_dir: str | Path, layer: str | None = None, ridge: float = 1e-2):
+def run_whiten(run_dir: str | Path, layer: str | None = None, ridge: float = 1e-2) -> WhitenResult:
     """Stage: whitening matrix S of the layer (method.md §1.8) -> ``RUN/whiten/<layer>.npy``."""
-    from .whiten import whitening_matrix
-
     run_dir = Path(run_dir)
     run = open_run(run_dir)
-    layer = _check_layer(run, layer)
+    layer = check_layer(run, layer)
     record = {"collect": stage_hash(run_dir, "collect"), "layer": layer, "ridge": ridge}
     path = run_dir / "whiten" / f"{layer_dirname(layer)}.npy"
 
     def fn(resume):
-        w = whitening_matrix(run.activations(layer), ridge=ridge)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npy")
-        np.save(tmp, np.asarray(getattr(w, "S", w), np.float32))
-        tmp.replace(path)
+        ensure_dir(path.parent)
+        save_npy_atomic(path, np.asarray(whitening_matrix(run.activations(layer), ridge=ridge).S, np.float32))
 
-    rep = _stage(run_dir, f"whiten:{layer}", record, fn, path.is_file)
-    return rep, np.load(path)
+    rep = run_stage(run_dir, f"whiten:{layer}", record, fn, path.is_file)
+    return WhitenResult(rep, np.load(path))
 
 
-def _load_spec(run: Run, device: str):
-    from .models import load_model
-
-    cfg = run.config
-    load_args = cfg.get("model_info", {}).get("load_args", {})
-    return load_model(cfg["model"], device=device, **load_args)
+def _batches(level: GridLevel, batch_size: int) -> list[tuple[int, slice]]:
+    m = len(level.i)
+    return [(b, slice(a, min(a + batch_size, m))) for b, a in enumerate(range(0, m, batch_size))]
 
 
-def run_render(run_dir: str | Path, layer: str | None = None, cfg=None, ridge: float = 1e-2, spec=None,
-               progress: bool = True, engine: str = "local", address: str | None = None,
-               threads: int | None = None):
+def run_render(run_dir: str | Path, layer: str | None = None, cfg: RenderConfig | None = None, ridge: float = 1e-2,
+               spec: ModelSpec | None = None, progress: bool = True, runtime: Runtime | None = None) -> RenderResult:
     """Stage: one icon per kept cell of every level (method.md §1.9–1.11) -> ``RUN/icons/<layer>``.
 
     Icons are rendered and committed in batches (one ``.npz`` per batch, written atomically), each
     batch with its own seed, so an interrupted render resumes and yields the same icons.
-    engine "local" renders the batches here, one after another; "ray" runs one Ray task per batch
-    (`threads` CPUs each, or one GPU each with a CUDA device; `address`: the Ray cluster) and
-    commits each as it finishes. Both call `render_icon_batch` with the same seeds.
+    ``runtime.engine`` "local" renders the batches here, one after another; "ray" runs one Ray task
+    per batch (``runtime.threads`` CPUs each, or one GPU each with a CUDA device) and commits each
+    as it finishes. Both call `render_icon_batch` with the same seeds.
     """
-    from .grid import load_grid
-    from .render import RenderConfig
-    from .render.icons import render_icon_batch
-
-    if engine not in ("local", "ray"):
-        raise UserError(f"--engine must be local or ray, not {engine!r}")
-    if engine == "ray":
-        from .ray_engine import require_ray
-
-        require_ray()
-
+    runtime = runtime or Runtime(device=(cfg.device if cfg and cfg.device else "cpu"), progress=progress,
+                                 numba_cache=False)
     run_dir = Path(run_dir)
     run = open_run(run_dir)
-    layer = _check_layer(run, layer)
+    layer = check_layer(run, layer)
     cfg = cfg or RenderConfig.cpu_default()
+    device = cfg.device or runtime.device
     record = {"grid": stage_hash(run_dir, f"grid:{layer}"), "render": _config_dict(cfg)}
     S = None
     if cfg.whiten:
-        wrep, S = run_whiten(run_dir, layer, ridge)
-        record["whiten_hash"] = wrep.hash
+        wh = run_whiten(run_dir, layer, ridge)
+        S, record["whiten_hash"] = wh.S, wh.report.hash
     out = run_dir / "icons" / layer_dirname(layer)
     levels = load_grid(run_dir / "grid", layer)
-
-    def batches(level):
-        m = len(level.i)
-        return [(b, slice(a, min(a + cfg.batch_size, m))) for b, a in enumerate(range(0, m, cfg.batch_size))]
 
     def done_path(level, b):
         return out / f"level-{level.size}" / f"batch-{b:05d}.npz"
 
     def commit(level, b, arrays):
         p = done_path(level, b)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp.npz")
-        np.savez(tmp, images=arrays["images"], objective=arrays["objective"], fidelity=arrays["fidelity"])
-        tmp.replace(p)
+        ensure_dir(p.parent)
+        save_npz_atomic(p, images=arrays["images"], objective=arrays["objective"], fidelity=arrays["fidelity"])
+
+    def seeded(lv, b):
+        seed = int(config_hash({"seed": cfg.seed, "level": lv.size, "batch": b})[:8], 16)
+        return dataclasses.replace(cfg, seed=seed)
 
     def fn(resume):
         nonlocal spec
         if not resume and out.exists():
             shutil.rmtree(out)
-        todo = [(lv, b, sl) for lv in levels for b, sl in batches(lv) if not done_path(lv, b).is_file()]
+        todo = [(lv, b, sl) for lv in levels for b, sl in _batches(lv, cfg.batch_size)
+                if not done_path(lv, b).is_file()]
         if not todo:
             return
         if spec is None:
-            spec = _load_spec(run, "cpu" if engine == "ray" else (cfg.device or "cpu"))
+            spec = load_run_model(run, runtime.model_device if runtime.engine == "ray" else device)
         module_layer = run.config["module_layers"][layer]
         from tqdm.auto import tqdm
 
-        total = sum(sl.stop - sl.start for _, _, sl in todo)
-        bar = tqdm(total=total, disable=not progress, unit="icon", desc=f"render {layer}")
-
-        def seeded(lv, b):
-            seed = int(config_hash({"seed": cfg.seed, "level": lv.size, "batch": b})[:8], 16)
-            return dataclasses.replace(cfg, seed=seed)
-
-        if engine == "ray":
+        bar = tqdm(total=sum(sl.stop - sl.start for _, _, sl in todo), disable=not progress, unit="icon",
+                   desc=f"render {layer}")
+        if runtime.engine == "ray":
             from .ray_engine import ray_render
 
             jobs = [((lv, b, sl), lv.mean_activation[sl], seeded(lv, b)) for lv, b, sl in todo]
-            for (lv, b, sl), arrays in ray_render(spec, module_layer, jobs, S, device=cfg.device or "cpu",
-                                                  threads=threads, address=address):
+            for (lv, b, sl), arrays in ray_render(spec, module_layer, jobs, S, device=device,
+                                                  threads=runtime.threads, address=runtime.address):
                 commit(lv, b, arrays)
                 bar.update(sl.stop - sl.start)
         else:
-            from . import render as render_pkg
-
             for lv, b, sl in todo:
                 commit(lv, b, render_icon_batch(spec, module_layer, lv.mean_activation[sl], seeded(lv, b), S,
                                                 render=render_pkg.render_icons))
                 bar.update(sl.stop - sl.start)
         bar.close()
 
-    rep = _stage(run_dir, f"render:{layer}", record, fn,
-                 lambda: all(done_path(lv, b).is_file() for lv in levels for b, _ in batches(lv)))
+    rep = run_stage(run_dir, f"render:{layer}", record, fn,
+                    lambda: all(done_path(lv, b).is_file() for lv in levels for b, _ in _batches(lv, cfg.batch_size)))
     icons = {}
     for lv in levels:
-        parts = [np.load(done_path(lv, b)) for b, _ in batches(lv)]
-        icons[lv.size] = {k: (np.concatenate([p[k] for p in parts]) if parts else np.zeros(0))
-                          for k in ("images", "objective", "fidelity")}
-    return rep, icons, S
+        parts = [np.load(done_path(lv, b)) for b, _ in _batches(lv, cfg.batch_size)]
+        icons[lv.size] = {k: np.concatenate([p[k] for p in parts]) for k in ("images", "objective", "fidelity")}
+    return RenderResult(rep, icons, S)
 
 
 def best_member_fidelity(level, acts: np.ndarray, S: np.ndarray | None) -> np.ndarray:
     """[m] for each kept cell, the highest fidelity among its real member samples (the
     non-parametric comparison for the icons), computed over all members at once."""
-    from .render import fidelity_of_activations
-
     rows = np.asarray(level.member_rows)
     if len(rows) == 0:
         return np.zeros(0, np.float32)
@@ -321,13 +300,11 @@ def best_member_fidelity(level, acts: np.ndarray, S: np.ndarray | None) -> np.nd
     return np.maximum.reduceat(f, level.member_offsets[:-1]).astype(np.float32)
 
 
-def run_assemble(run_dir: str | Path, layer: str, icons: dict, S: np.ndarray | None) -> tuple[Atlas, dict]:
+def run_assemble(run_dir: str | Path, layer: str, render: RenderResult) -> AssembleResult:
     """Stage: canvases, per-level cell JSON and summary -> ``RUN/atlas/<layer>``.
 
     Always runs (it is cheap). Its ``atlas.json``, which marks an assembled atlas, is removed first
     and written last, so a failed assemble never leaves an earlier atlas to be exported as current."""
-    from .grid import load_grid
-
     run_dir = Path(run_dir)
     run = open_run(run_dir)
     acts = run.activations(layer)
@@ -338,92 +315,170 @@ def run_assemble(run_dir: str | Path, layer: str, icons: dict, S: np.ndarray | N
         (adir / "atlas.json").unlink(missing_ok=True)
         levels = []
         for g in load_grid(run_dir / "grid", layer):
-            ic = icons[g.size]
+            ic = render.icons[g.size]
             levels.append(AtlasLevel(size=g.size, i=g.i, j=g.j, count=g.count, top_classes=g.top_classes,
                                      top_values=g.top_values, icons=ic["images"], fidelity=ic["fidelity"],
-                                     member_fidelity=best_member_fidelity(g, acts, S)))
+                                     member_fidelity=best_member_fidelity(g, acts, render.S), grid=g))
         atlas = Atlas(layer, levels, run.class_names, run_dir=run_dir)
         result["atlas"], result["pngs"] = atlas, atlas.save(adir)
 
-    record = {"render": read_manifest(run_dir).get("stages", {}).get(f"render:{layer}", {}).get("hash")}
-    _stage(run_dir, f"assemble:{layer}", record, fn, lambda: False, force=True)
-    return result["atlas"], result["pngs"]
+    rep = run_stage(run_dir, f"assemble:{layer}", {"render": render.report.hash}, fn, force=True)
+    return AssembleResult(rep, result["atlas"], result["pngs"])
 
 
-def build(model: str, images, out: str | Path, layer: str | None = None, limit: int | None = None,
-          levels: Sequence[int] = (10, 20, 40), collect_cfg: CollectConfig | None = None, layout_cfg=None,
-          render_cfg=None, min_count: int = 6, weights: str | None = None,
-          sha256: str | None = None, device: str = "cpu", progress: bool = True, engine: str = "local",
-          address: str | None = None, threads: int | None = None,
-          model_kwargs: dict | None = None) -> BuildResult:
-    """The whole atlas with one call: collect -> layout -> grid -> render -> assemble.
+# ----------------------------------------------------------------------------------------------
+# the whole atlas
 
-    Stages whose inputs and config are unchanged are skipped; interrupted stages resume.
-    engine "ray" runs collect and render on Ray (`address`: the cluster; see `ray_engine`).
+
+_BUILD_KEY = "build"   # manifest entry: the settings of the last build_atlas, to continue the run
+
+
+def _resolve_model(model, weights, sha256, model_options, device) -> ModelSpec:
+    import torch.nn as nn
+
+    if isinstance(model, ModelSpec):
+        return prepare_spec(model, device)
+    if isinstance(model, nn.Module):
+        return prepare_spec(spec_from_module(model), device)
+    if not isinstance(model, str):
+        raise ConfigError(f"model must be a registered name, a ModelSpec or an nn.Module, not {type(model).__name__}")
+    return load_model(model, weights=weights, sha256=sha256, device=device, **(model_options or {}))
+
+
+def _collect_config(d: dict) -> CollectConfig:
+    known = {f.name for f in dataclasses.fields(CollectConfig)}
+    d = {k: v for k, v in d.items() if k in known}
+    if d.get("layers") is not None:
+        d["layers"] = tuple(d["layers"])
+    return CollectConfig(**d)
+
+
+def _images_record(images) -> Any:
+    """How to name `images` again when the run is continued (None when it cannot be)."""
+    if isinstance(images, (str, os.PathLike)):
+        return str(images)
+    if isinstance(images, (list, tuple)) and all(isinstance(p, (str, os.PathLike)) for p in images):
+        return [str(p) for p in images]
+    return None
+
+
+def build_atlas(images=None, out: str | Path | None = None, *, model=None, layer: str | None = None,
+                levels: Sequence[int] | None = None, min_count: int | None = None, limit: int | None = None,
+                collect: CollectConfig | None = None, layout: LayoutConfig | None = None,
+                render: RenderConfig | None = None, runtime: Runtime | None = None, weights: str | None = None,
+                sha256: str | None = None, model_options: dict | None = None) -> Atlas:
+    """The whole activation atlas with one call: collect -> layout -> grid -> render -> assemble.
+
+    Args:
+        images: anything ``aa.images`` takes (a folder, a .txt list, ``"sample:N"``, a list of paths)
+            or an `ImageSource`. None with an existing run in `out`: continue that run with the
+            settings it was built with (any argument given here overrides its saved value).
+        out: the run directory (created).
+        model: a registered name (default ``"efficientnet_lite0"``), a `ModelSpec` or an ``nn.Module``.
+        layer: layer name or alias (default: the model's default layer).
+        levels: grid sizes, coarse to fine (default 10, 20, 40).
+        min_count: smallest kept cell (default 6, the recipe's count > 5).
+        limit: use only the first N images.
+        collect, layout, render: stage settings (`CollectConfig`, `LayoutConfig`, `RenderConfig`).
+        runtime: device, engine, threads, progress (`Runtime`); applied once here. Without it the
+            device/engine/threads of `collect` are used (its defaults: cpu, local).
+        weights, sha256, model_options: passed to ``load_model`` for a model given by name.
+
+    Stages whose inputs and config are unchanged are skipped; interrupted stages resume. Returns the
+    `Atlas`; ``atlas.report`` is the `BuildReport` (stages run, times, canvases, summary).
     """
-    from .data import images as make_images
-    from .models import load_model
-
+    if out is None:
+        raise ConfigError("build_atlas needs out= (the run directory)")
     out = Path(out)
-    if engine == "ray":
-        from .ray_engine import require_ray
+    saved = read_manifest(out).get(_BUILD_KEY, {}) if out.is_dir() else {}
+    if images is None:
+        if not saved and not (out / "collect" / "complete.json").is_file():
+            raise ConfigError(f"{out} holds no run to continue; pass images= to start one")
+        images = saved.get("images")
+    ccfg = collect or (_collect_config(saved["collect"]) if saved.get("collect") else CollectConfig())
+    if runtime is None:
+        runtime = Runtime(device=ccfg.device, engine=ccfg.engine, threads=ccfg.threads, address=ccfg.address)
+    runtime.apply()
+    model = model if model is not None else saved.get("model", DEFAULT_MODEL)
+    layer = layer if layer is not None else saved.get("layer")
+    levels = tuple(levels if levels is not None else saved.get("levels", DEFAULT_LEVELS))
+    min_count = int(min_count if min_count is not None else saved.get("min_count", DEFAULT_MIN_COUNT))
+    limit = limit if limit is not None else saved.get("limit", ccfg.limit)
+    lcfg = layout or (LayoutConfig.from_dict(saved["layout"]) if saved.get("layout") else LayoutConfig())
+    rcfg = render or (RenderConfig(**saved["render"]) if saved.get("render") else RenderConfig.cpu_default())
+    if rcfg.device is None or render is None:
+        rcfg = dataclasses.replace(rcfg, device=runtime.device)
+    if model_options is None:
+        model_options = saved.get("model_options") or {}
+    if weights is None and sha256 is None and isinstance(model, str) and model == saved.get("model"):
+        weights, sha256 = saved.get("weights"), saved.get("sha256")
 
-        require_ray()
-    else:
-        from .devices import resolve_device
-
-        resolve_device(device)
-    # with Ray the workers hold the model on their devices; the driver keeps a CPU copy
-    spec = load_model(model, weights=weights, sha256=sha256, device="cpu" if engine == "ray" else device,
-                      **(model_kwargs or {}))
-    source = make_images(images) if not hasattr(images, "load") else images
-    ccfg = collect_cfg or CollectConfig()
-    ccfg = dataclasses.replace(ccfg, layers=(layer,) if layer else ccfg.layers, limit=limit or ccfg.limit,
-                               device=device, engine=engine, address=address,
-                               threads=ccfg.threads or threads)
+    spec = _resolve_model(model, weights, sha256, model_options, runtime.model_device)
+    ccfg = dataclasses.replace(ccfg, layers=(layer,) if layer else ccfg.layers, limit=limit, device=runtime.device,
+                               engine=runtime.engine, address=runtime.address, threads=runtime.threads)
     t0 = time.perf_counter()
     ensure_dir(out, "run directory")
     with run_lock(out, "build"):
-        res = collect(spec, source, out, ccfg, progress=progress)
-        reports = [StageReport("collect", not res.already_complete,
-                               0.0 if res.already_complete else res.seconds, stage_hash(out, "collect"))]
+        if images is None and not (out / "collect" / "complete.json").is_file():
+            raise ConfigError(f"the collect of {out} is unfinished and its images were given as an object; "
+                              "pass images= again to finish it")
+        if images is None:      # continuing a run whose collect is complete: nothing to collect
+            res = None
+        else:
+            source = images if isinstance(images, ImageSource) else make_images(images)
+            res = collect_activations(spec, source, out, ccfg, progress=runtime.progress)
+        update_manifest(out, **{_BUILD_KEY: {
+            "images": _images_record(images) if images is not None else saved.get("images"),
+            "model": model if isinstance(model, str) else spec.name, "weights": weights, "sha256": sha256,
+            "model_options": {k: v for k, v in model_options.items() if isinstance(v, (str, int, float, bool))},
+            "layer": layer, "levels": list(levels), "min_count": min_count, "limit": limit,
+            "collect": dataclasses.asdict(ccfg), "layout": dataclasses.asdict(lcfg),
+            "render": {**dataclasses.asdict(rcfg), "device": None}}})
+        ran = res is not None and not res.already_complete
+        reports = [StageReport("collect", ran, res.seconds if ran else 0.0, stage_hash(out, "collect"))]
         run = open_run(out)
-        layer = run.layers[0] if layer is None else layer
-        rep, _ = run_layout(out, layer, layout_cfg, progress=progress)
-        reports.append(rep)
-        rep, grid = run_grid(out, layer, levels, min_count=min_count, progress=progress)
-        reports.append(rep)
-        rep, icons, S = run_render(out, layer, render_cfg, spec=spec, progress=progress, engine=engine,
-                                   address=address, threads=threads)
-        reports.append(rep)
-        ta = time.perf_counter()
-        atlas, pngs = run_assemble(out, layer, icons, S)
-        reports.append(StageReport("assemble", True, time.perf_counter() - ta, ""))
-        manifest = read_manifest(out)
-        stage_seconds = {k: v.get("seconds") for k, v in manifest.get("stages", {}).items()}
-        summary = {
-            "run_dir": str(out), "layer": layer, "model": run.config["model"],
-            "samples": int(sum(run.summary["rows"].values())),
-            "levels": [{"size": lv.size, "cells": int(len(lv.i)), "samples_used": int(lv.count.sum()),
-                        "icon_fidelity": float(lv.fidelity.mean()) if len(lv.i) else None,
-                        "member_fidelity": float(lv.member_fidelity.mean()) if len(lv.i) else None}
-                       for lv in atlas.levels],
-            "mean_icon_fidelity": _mean([lv.fidelity for lv in atlas.levels]),
-            "mean_member_fidelity": _mean([lv.member_fidelity for lv in atlas.levels]),
-            "stages_run": [r.name for r in reports if r.ran],
-            "seconds_this_call": {r.name: round(r.seconds, 3) for r in reports},
-            "seconds_recorded": stage_seconds,
-            "seconds": round(time.perf_counter() - t0, 3),
-            "pngs": {str(g): str(p) for g, p in pngs.items()},
-        }
+        layer = check_layer(run, layer)
+        lay = run_layout(out, layer, lcfg, progress=runtime.progress)
+        grid = run_grid(out, layer, levels, min_count=min_count, progress=runtime.progress)
+        ren = run_render(out, layer, rcfg, spec=spec, progress=runtime.progress, runtime=runtime)
+        asm = run_assemble(out, layer, ren)
+        reports += [lay.report, grid.report, ren.report, asm.report]
+        atlas = asm.atlas
+        summary = _summary(out, run, layer, atlas, reports, asm.pngs, t0)
         atlas.summary = summary
+        atlas.report = BuildReport(out, layer, reports, asm.pngs, summary)
         write_json_atomic(atlas_dir(out, layer) / "atlas.json",
                           {"layer": layer, "levels": [lv.size for lv in atlas.levels],
                            "class_names": atlas.class_names, "summary": summary})
         write_json_atomic(out / "summary.json", summary)
-    return BuildResult(out, layer, reports, atlas, pngs, summary)
+    return atlas
+
+
+def _summary(out: Path, run: Run, layer: str, atlas: Atlas, reports: list[StageReport], pngs: dict,
+             t0: float) -> dict:
+    stage_seconds = {k: v.get("seconds") for k, v in read_manifest(out).get("stages", {}).items()}
+    return {
+        "run_dir": str(out), "layer": layer, "model": run.config["model"],
+        "samples": int(sum(run.summary["rows"].values())),
+        "levels": [{"size": lv.size, "cells": int(len(lv.i)), "samples_used": int(lv.count.sum()),
+                    "icon_fidelity": float(lv.fidelity.mean()) if len(lv.i) else None,
+                    "member_fidelity": float(lv.member_fidelity.mean()) if len(lv.i) else None}
+                   for lv in atlas.levels],
+        "mean_icon_fidelity": _mean([lv.fidelity for lv in atlas.levels]),
+        "mean_member_fidelity": _mean([lv.member_fidelity for lv in atlas.levels]),
+        "stages_run": [r.name for r in reports if r.ran],
+        "seconds_this_call": {r.name: round(r.seconds, 3) for r in reports},
+        "seconds_recorded": stage_seconds,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "pngs": {str(g): str(p) for g, p in pngs.items()},
+    }
 
 
 def _mean(arrays: list[np.ndarray]) -> float | None:
     arr = np.concatenate([np.asarray(a, np.float64) for a in arrays]) if arrays else np.zeros(0)
     return float(arr.mean()) if len(arr) else None
+
+
+__all__ = ["build_atlas", "BuildReport", "LayoutResult", "GridResult", "WhitenResult", "RenderResult",
+           "AssembleResult", "run_layout", "run_grid", "run_whiten", "run_render", "run_assemble",
+           "best_member_fidelity", "check_layer", "load_run_model"]

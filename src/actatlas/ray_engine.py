@@ -175,7 +175,7 @@ class _Collect:
         self.layers, self.shapes, self.cfg = layers, shapes, cfg
 
     def __call__(self, batch: dict) -> dict:
-        from .collect import BatchOutput, process_batch
+        from .collect_batch import BatchOutput, process_batch
 
         results = []
         for bi, shard, requested, payload in zip(batch["bi"], batch["shard"], batch["requested"],

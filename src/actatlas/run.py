@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from .errors import UserError
+from .errors import RunStateError, UserError
+from .models import load_model
+from .stages import read_manifest
 from .store import layer_dirname
 
 
@@ -34,13 +36,6 @@ class Rows:
         return len(self.image)
 
 
-def read_manifest(run_dir: Path) -> dict:
-    p = Path(run_dir) / "manifest.json"
-    if not p.is_file():
-        return {}
-    return json.loads(p.read_text())
-
-
 class Run:
     """A run directory. ``layers`` lists the collected layers (labels as given at collect time)."""
 
@@ -50,9 +45,9 @@ class Run:
         complete = self.store / "complete.json"
         if not complete.is_file():
             if (self.store / "shards").is_dir():
-                raise UserError(f"{self.path} holds an unfinished collect; run 'actatlas collect' again "
+                raise RunStateError(f"{self.path} holds an unfinished collect; run 'actatlas collect' again "
                                 "with the same arguments to resume it")
-            raise UserError(f"{self.path} is not a run directory (no collect/complete.json)")
+            raise RunStateError(f"{self.path} is not a run directory (no collect/complete.json)")
         self.summary: dict = json.loads(complete.read_text())
         self.manifest: dict = read_manifest(self.path)
 
@@ -128,3 +123,14 @@ class Run:
 def open_run(path: str | Path) -> Run:
     """Open a run directory written by ``actatlas collect``."""
     return Run(path)
+
+
+def load_run_model(run: Run, device: str = "cpu"):
+    """The model `run` was collected with (a `ModelSpec`), loaded again by its registered name and
+    load arguments; a RunStateError when it was given as an object and cannot be reloaded."""
+    cfg = run.config
+    load_args = cfg.get("model_info", {}).get("load_args")
+    if load_args is None:
+        raise RunStateError(f"the model of {run.path} ({cfg.get('model')}) was given as an object, not by name; "
+                            "pass it again (spec=...)")
+    return load_model(cfg["model"], device=device, **load_args)

@@ -27,26 +27,60 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import UserError
+from .errors import RunLockedError, RunStateError, UserError
 
 ROW_FIELDS = ("row", "image", "path", "label", "layer", "y", "x", "top5", "top5_prob")
 
 
-def write_json_atomic(path: Path, obj) -> None:
+def write_json_atomic(path: Path, obj) -> Path:
     """Write JSON to `path` via a temporary file and rename (never a half-written file)."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode()
+    return write_atomic(path, lambda tmp: _synced(tmp, lambda f: f.write(text)))
+
+
+def write_atomic(path: str | Path, write) -> Path:
+    """Call ``write(tmp)`` on a temporary path beside `path`, then rename it into place: readers see
+    the old file or the whole new one, never a part. The one atomic-write primitive of the package."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _synced(tmp: Path, dump) -> None:
+    with open(tmp, "wb") as f:
+        dump(f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def save_npy_atomic(path: str | Path, array: np.ndarray) -> Path:
+    """``np.save`` to `path` atomically (fsynced)."""
+    return write_atomic(path, lambda tmp: _synced(tmp, lambda f: np.save(f, np.ascontiguousarray(array))))
+
+
+def save_npz_atomic(path: str | Path, **arrays) -> Path:
+    """``np.savez`` of `arrays` to `path` atomically (fsynced)."""
+    return write_atomic(path, lambda tmp: _synced(tmp, lambda f: np.savez(f, **arrays)))
+
+
+def save_png_atomic(path: str | Path, image) -> Path:
+    """A PIL image (or uint8 [h, w, 3] array) as a PNG at `path`, atomically."""
+    if isinstance(image, np.ndarray):
+        from PIL import Image
+
+        image = Image.fromarray(image)
+    return write_atomic(path, lambda tmp: _synced(tmp, lambda f: image.save(f, format="PNG")))
 
 
 def _json_default(o):
@@ -102,7 +136,7 @@ class RunLock:
                     holder = self.path.read_text().strip()
                 except OSError:
                     holder = "?"
-                raise UserError(
+                raise RunLockedError(
                     f"another actatlas process (pid {holder}) is writing into {self.path.parent}; "
                     f"{self.what} refused: wait for it to finish or use another run directory"
                 ) from None
@@ -337,7 +371,7 @@ def _concat_npy(parts: list[Path], dest: Path, total: int) -> None:
         shaped = next((a for a in loaded if a.ndim > 1), loaded[0] if loaded else None)
     del loaded
     if shaped is None:
-        raise UserError(f"no shard holds {dest.name}; the store is inconsistent")
+        raise RunStateError(f"no shard holds {dest.name}; the store is inconsistent")
     header = np.lib.format.header_data_from_array_1_0(shaped)
     header["shape"] = (total,) + shaped.shape[1:]
     header["fortran_order"] = False
@@ -351,7 +385,7 @@ def _concat_npy(parts: list[Path], dest: Path, total: int) -> None:
                 continue
             part = np.load(p)
             if part.dtype != dtype or part.shape[1:] != header["shape"][1:]:
-                raise UserError(f"shard array {p} has dtype/shape {part.dtype}{part.shape}, expected "
+                raise RunStateError(f"shard array {p} has dtype/shape {part.dtype}{part.shape}, expected "
                                 f"{dtype}[*, {header['shape'][1:]}]; the store is inconsistent")
             f.write(np.ascontiguousarray(part).data)
             written += len(part)
@@ -359,18 +393,11 @@ def _concat_npy(parts: list[Path], dest: Path, total: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     if written != total:
-        raise UserError(f"{dest.name}: shards hold {written} rows, their metadata says {total}")
+        raise RunStateError(f"{dest.name}: shards hold {written} rows, their metadata says {total}")
 
 
 def remove_shards(store_dir: Path) -> None:
     shutil.rmtree(Path(store_dir) / "shards", ignore_errors=True)
-
-
-def iter_chunks(array: np.ndarray, chunk_rows: int = 65536) -> Iterable[tuple[int, np.ndarray]]:
-    """Yield (start, float32 chunk) over a (memory-mapped) [n, c] array, bounded memory."""
-    for start in range(0, len(array), chunk_rows):
-        yield start, np.asarray(array[start:start + chunk_rows], dtype=np.float32)
-        drop_pages(array, start, start + chunk_rows)
 
 
 def drop_pages(array, start: int, stop: int) -> None:
@@ -397,9 +424,3 @@ def drop_pages(array, start: int, stop: int) -> None:
             mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
     except (ValueError, OSError, TypeError, BufferError):  # e.g. a closed map: nothing to drop
         return
-
-
-def check_writable_run(out: Path) -> None:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")

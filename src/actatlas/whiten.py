@@ -16,15 +16,12 @@ bounded (no direction is amplified more than 100x the mean-eigenvalue scale).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
-from .layout import save_npy_atomic
-from .store import drop_pages, layer_dirname, write_json_atomic
+from .store import drop_pages
 
 DEFAULT_RIDGE = 1e-2
 _BLOCK_ELEMS = 1 << 22  # float64 elements per block cast (32 MB)
@@ -116,34 +113,3 @@ def whitening_matrix(acts: np.ndarray, ridge: float = DEFAULT_RIDGE,
     if n == 0:
         raise UserError("cannot whiten zero rows")
     return whitening_from_moment(total / n, ridge=ridge, n_rows=n)
-
-
-def _paths(directory: Path, layer: str) -> tuple[Path, Path, Path]:
-    stem = layer_dirname(layer)
-    d = Path(directory)
-    return d / f"{stem}.whiten.npy", d / f"{stem}.moment.npy", d / f"{stem}.whiten.json"
-
-
-def save_whitening(wh: Whitening, directory: str | Path, layer: str) -> Path:
-    """Write ``<dir>/<layer>.whiten.npy`` (S), ``<layer>.moment.npy`` (M) and ``<layer>.whiten.json``
-    atomically (JSON last). Returns the path of S."""
-    s_p, m_p, j_p = _paths(directory, layer)
-    s_p.parent.mkdir(parents=True, exist_ok=True)
-    save_npy_atomic(s_p, wh.S.astype(np.float32, copy=False))
-    save_npy_atomic(m_p, wh.moment.astype(np.float64, copy=False))
-    write_json_atomic(j_p, {"layer": layer, "ridge": wh.ridge, "ridge_lambda": wh.ridge_lambda,
-                            "n_rows": wh.n_rows, "channels": int(wh.S.shape[0]),
-                            "definition": "S = inv(A^T A / N + ridge_lambda I), uncentered"})
-    return s_p
-
-
-def load_whitening(directory: str | Path, layer: str) -> Whitening:
-    """Read what ``save_whitening`` wrote."""
-    s_p, m_p, j_p = _paths(directory, layer)
-    if not (s_p.is_file() and j_p.is_file()):
-        raise UserError(f"no whitening for layer {layer!r} in {directory}")
-    meta = json.loads(j_p.read_text())
-    s = np.load(s_p)
-    m = np.load(m_p) if m_p.is_file() else np.full_like(s, np.nan, dtype=np.float64)
-    return Whitening(S=s, moment=m, ridge=float(meta["ridge"]), ridge_lambda=float(meta["ridge_lambda"]),
-                     n_rows=int(meta["n_rows"]))

@@ -2,7 +2,7 @@
 
 Pure functions over arrays plus small dataclasses here; rendering and result folders in
 ``actatlas.analysis.views`` (class atlases, comparisons) and ``actatlas.analysis.attack`` (patches,
-patch attacks, patch discovery); the CLI wiring in ``actatlas.cli_views`` / ``actatlas.cli_patches``.
+patch attacks, patch discovery); the CLI wiring in ``actatlas.cli.views`` / ``actatlas.cli.patches``.
 """
 
 from .classes import ClassAtlas, class_atlas, class_filter

@@ -34,8 +34,15 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..data import ImageDecodeError, images, load_rgb
 from ..errors import UserError
-from .patches import (DEFAULT_SIZES, PatchAttackResult, _Classifier, _corner_list, _jsonable, evaluate_patch,
+from ..grid import load_grid
+from ..models.spec import resolve_class
+from ..pipeline import run_whiten
+from ..render import RenderConfig, render_icons
+from ..run import load_run_model, open_run
+from ..stages import read_manifest
+from .patches import (DEFAULT_SIZES, PatchAttackResult, Classifier, corner_list, jsonable, evaluate_patch,
                       noise_patch, save_report)
 
 log = logging.getLogger(__name__)
@@ -60,7 +67,6 @@ __all__ = ["MIN_SOURCE_IMAGES", "CellSpec", "parse_cell_spec", "looks_like_cell_
 @dataclass(frozen=True)
 class CellSpec:
     """A cell of a run's atlas grid: ``RUN:LAYER:LEVEL:I:J`` (i = x cell, j = y cell, see ``grid``)."""
-
     run: str
     layer: str
     level: int
@@ -108,9 +114,6 @@ def run_render_config(run_dir, layer: str, **overrides):
     """The `RenderConfig` of the run's last render of `layer` (manifest ``render:<layer>`` stage), else
     ``RenderConfig.cpu_default()``, with `overrides` (None values ignored) applied; and the whitening
     ridge recorded for the layer (default 1e-2). Returns (cfg, ridge)."""
-    from ..render import RenderConfig
-    from ..run import read_manifest
-
     stages = read_manifest(Path(run_dir)).get("stages", {})
     rec = stages.get(f"render:{layer}", {}).get("config", {}).get("render")
     fields = {f.name for f in dataclasses.fields(RenderConfig)}
@@ -126,22 +129,17 @@ def run_render_config(run_dir, layer: str, **overrides):
 
 def run_whitening(run_dir, layer: str, ridge: float = 1e-2) -> np.ndarray:
     """[c, c] whitening matrix S of the run's layer (the pipeline's cached ``whiten`` stage, §1.8)."""
-    from ..pipeline import run_whiten
-
-    _, S = run_whiten(run_dir, layer, ridge)
-    return S
+    return run_whiten(run_dir, layer, ridge).S
 
 
 def _spec_for_run(run, spec=None, device: str = "cpu"):
     """The run's model: `spec` when it is that model, else loaded from the run's config."""
     if spec is not None and spec.name == run.config["model"]:
         return spec
-    from ..pipeline import _load_spec
-
     if spec is not None:
         log.warning("the run was collected with %s, not %s: rendering its patches with %s",
                     run.config["model"], spec.name, run.config["model"])
-    return _load_spec(run, device)
+    return load_run_model(run, device)
 
 
 def render_patches(spec, run_dir, layer: str, directions: np.ndarray, size_px: int = 128,
@@ -151,9 +149,6 @@ def render_patches(spec, run_dir, layer: str, directions: np.ndarray, size_px: i
     Uses the run's own render settings (`run_render_config`: objective, power, whitening, transforms,
     attempts) with the icon size set to `size_px` and, when given, `steps`. Returns (images, IconSet).
     """
-    from ..render import render_icons
-    from ..run import open_run
-
     run = open_run(run_dir)
     if layer not in run.layers:
         raise UserError(f"layer {layer!r} was not collected in {run_dir}; collected: {', '.join(run.layers)}")
@@ -174,9 +169,6 @@ def cell_direction(cell: CellSpec) -> tuple[np.ndarray, dict]:
 
     Raises UserError when the run, layer, grid level or cell does not exist (listing what does).
     """
-    from ..grid import load_grid
-    from ..run import open_run
-
     run = open_run(cell.run)
     if cell.layer not in run.layers:
         raise UserError(f"cell spec {cell}: layer {cell.layer!r} was not collected in {cell.run}; "
@@ -209,8 +201,6 @@ def render_cell_patch(cell: CellSpec, size_px: int = 128, steps: int | None = No
                       device: str = "cpu", progress: bool = False) -> tuple[Image.Image, dict]:
     """Render one atlas cell as a patch; returns (RGB image size_px x size_px, info dict with the cell's
     count, top classes and the icon's fidelity / objective)."""
-    from ..run import open_run
-
     direction, info = cell_direction(cell)
     spec = _spec_for_run(open_run(cell.run), spec, device)
     imgs, icons = render_patches(spec, cell.run, cell.layer, direction[None], size_px, steps, progress=progress)
@@ -233,7 +223,6 @@ def cell_patch(run_dir, layer: str, level: int, i: int, j: int, size_px: int = 1
 @dataclass
 class LabelledImages:
     """Image paths with class labels (-1 unknown) in the model's class order."""
-
     paths: list[str]
     labels: np.ndarray
     description: str
@@ -246,8 +235,6 @@ class LabelledImages:
 def labelled_images(source, spec) -> LabelledImages:
     """`source` (anything ``actatlas.images`` takes) with labels resolved against the model's classes
     (wnid file-name prefixes, class folders)."""
-    from ..data import images
-
     src = images(source)
     return LabelledImages([it.path for it in src], np.asarray(src.labels(spec.class_names, spec.wnids), np.int64),
                           src.description)
@@ -255,8 +242,6 @@ def labelled_images(source, spec) -> LabelledImages:
 
 def run_images(run_dir) -> LabelledImages:
     """The images a run was collected from (unique paths of its provenance rows, with their labels)."""
-    from ..run import open_run
-
     run = open_run(run_dir)
     rows = run.rows(run.layers[0])
     _, first = np.unique(np.asarray(rows.image), return_index=True)
@@ -270,17 +255,15 @@ class ImageBank:
 
     Undecodable images are skipped (counted in ``skipped``).
     """
-
     def __init__(self, spec, images: LabelledImages, batch_size: int = 32, progress: bool = True):
         self.spec, self.images, self.progress = spec, images, progress
-        self.classify = _Classifier(spec, batch_size)
+        self.classify = Classifier(spec, batch_size)
         self.bgs: dict[int, Image.Image] = {}
         self.probs: dict[int, np.ndarray] = {}
         self.skipped: dict[int, str] = {}
 
     def load(self, indices: Sequence[int]) -> list[int]:
         """Load and classify `indices` (once); returns those that decoded."""
-        from ..data.sources import ImageDecodeError, load_rgb
 
         todo = [int(k) for k in indices if int(k) not in self.bgs and int(k) not in self.skipped]
         if todo:
@@ -317,7 +300,6 @@ class AttackSet:
     fallback: True when the source class had fewer than `min_source` correctly classified images and
     every other class was used instead; note: a human-readable account of how the set was chosen.
     """
-
     target: int
     source_class: int | None
     backgrounds: list
@@ -420,7 +402,7 @@ def evaluate_on_set(bank: ImageBank, aset: AttackSet, patch: Image.Image, sizes:
     sizes = [float(s) for s in sizes]
     if not sizes or any(not 0 < s <= 1 for s in sizes):
         raise UserError(f"patch sizes are fractions of the side in (0, 1], got {sizes}")
-    cl = _corner_list(corners)
+    cl = corner_list(corners)
     parts = []
     with tqdm(total=aset.n, desc=desc, unit="img", disable=not bank.progress or aset.n == 0) as bar:
         for a in range(0, aset.n, chunk):
@@ -507,12 +489,12 @@ def run_patch_attack(spec, images: LabelledImages, target: int, patches: Sequenc
                target=int(target), target_name=names[target], source_class=aset.source_class,
                source_name=None if aset.source_class is None else names[aset.source_class],
                source_fallback=aset.fallback, source_note=aset.note, source_set=aset.to_dict(names),
-               sizes=[float(s) for s in sizes], corners=[list(c) for c in _corner_list(corners)],
+               sizes=[float(s) for s in sizes], corners=[list(c) for c in corner_list(corners)],
                images=images.description, skipped_images=len(bank.skipped),
                lift_static=best["lift_static"], lift_dynamic=best["lift_dynamic"])
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "summary.json").write_text(json.dumps(_jsonable(top), indent=2) + "\n", encoding="utf-8")
+        (out_dir / "summary.json").write_text(json.dumps(jsonable(top), indent=2) + "\n", encoding="utf-8")
         top["summary_json"] = str(out_dir / "summary.json")
     return top
 
@@ -541,7 +523,6 @@ def select_candidates(candidates, max_candidates: int) -> list:
 class FindPatchesResult:
     """Ranked candidate patches of one comparison; `ranking` is sorted by `score` (lift over noise of
     static success), best first, candidates without a score (no eligible image) last."""
-
     left: int
     right: int
     layer: str
@@ -577,8 +558,6 @@ def find_patches(run_dir, layer: str, left, right, images=None, spec=None, max_c
     calls: images are decoded and classified once); None = the run's own images.
     With `out` writes ranking.json, ranking.csv, contact_sheet.png, patches/*.png and reports/*.
     """
-    from ..models.spec import resolve_class
-    from ..run import open_run
     from .compare import compare
 
     run = open_run(run_dir)
@@ -656,11 +635,11 @@ def find_patches(run_dir, layer: str, left, right, images=None, spec=None, max_c
                                    y_method=y_method, min_count=min_count),
                    settings=dict(max_candidates=max_candidates, patch_px=patch_px, render_steps=render_steps,
                                  sizes=[float(s) for s in sizes],
-                                 corners=[list(c) for c in _corner_list(corners)], min_source=min_source,
+                                 corners=[list(c) for c in corner_list(corners)], min_source=min_source,
                                  max_images=max_images, seed=seed, images=imgs.description),
                    candidates=all_cands, attack_sets=sets, ranking=ranking)
         paths["json"] = str(out_dir / "ranking.json")
-        Path(paths["json"]).write_text(json.dumps(_jsonable(doc), indent=2) + "\n", encoding="utf-8")
+        Path(paths["json"]).write_text(json.dumps(jsonable(doc), indent=2) + "\n", encoding="utf-8")
         paths["csv"] = str(out_dir / "ranking.csv")
         with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)

@@ -74,9 +74,9 @@ def embed_1d(acts: np.ndarray, method: str = "tsne", seed: int = 0, metric: str 
         raw = TSNE(n_components=1, metric=metric, perplexity=p, learning_rate=learning_rate,
                    init="random", random_state=seed).fit_transform(x)[:, 0]
     elif method == "umap":
-        from ..layout import _import_umap
+        from ..layout import import_umap
 
-        umap = _import_umap()
+        umap = import_umap()
         k = max(2, min(n_neighbors, n // 4, n - 1))
         raw = umap.UMAP(n_components=1, n_neighbors=k, min_dist=0.01, metric=metric,
                         random_state=seed, n_jobs=1).fit_transform(x)[:, 0]

@@ -63,7 +63,7 @@ def noise_patch(size: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
 
 
-def _corner_list(corners) -> list[tuple[float, float]]:
+def corner_list(corners) -> list[tuple[float, float]]:
     if isinstance(corners, (int, np.integer)):
         if not 1 <= corners <= 4:
             raise UserError(f"corners must be 1-4 or a list of (px, py), got {corners}")
@@ -74,7 +74,7 @@ def _corner_list(corners) -> list[tuple[float, float]]:
     return out
 
 
-class _Classifier:
+class Classifier:
     """Batched softmax over a ModelSpec for s x s PIL images."""
 
     def __init__(self, spec, batch_size: int):
@@ -228,24 +228,24 @@ def patch_attack(spec, source_images: list[Image.Image], source_labels: np.ndarr
     for s in sizes:
         if not 0 < s <= 1:
             raise UserError(f"patch sizes are fractions of the side in (0, 1], got {s}")
-    corner_list = _corner_list(corners)
+    corners_xy = corner_list(corners)
     if not 0 <= target < spec.num_classes:
         raise UserError(f"target class {target} out of range [0, {spec.num_classes})")
     if source_labels is not None and len(source_labels) != len(source_images):
         raise UserError(f"{len(source_labels)} labels for {len(source_images)} images")
-    classify = _Classifier(spec, batch_size)
+    classify = Classifier(spec, batch_size)
     bgs = [spec.preprocess.geometry(im.convert("RGB")) for im in source_images]
     probs = classify(bgs)
     ok = eligible_images(probs, source_labels, source_class, target) if len(bgs) else np.zeros(0, bool)
     idx = np.flatnonzero(ok)
     chosen = [bgs[k] for k in idx]
     p_before = probs[idx, target] if len(idx) else np.zeros(0)
-    res = evaluate_patch(classify, chosen, p_before, target, patch, sizes, corner_list)
+    res = evaluate_patch(classify, chosen, p_before, target, patch, sizes, corners_xy)
     noise = evaluate_patch(classify, chosen, p_before, target, noise_patch(spec.input_size, seed), sizes,
-                           corner_list)
+                           corners_xy)
     out = res.summary()
     out.update(noise=noise.summary(), n_images=len(source_images), source_class=source_class,
-               target=int(target), sizes=sizes, corners=[list(c) for c in corner_list],
+               target=int(target), sizes=sizes, corners=[list(c) for c in corners_xy],
                eligible=[int(k) for k in idx])
     return out
 
@@ -295,11 +295,11 @@ def success_chart(result: dict, width: int = 520, height: int = 340, title: str 
     return img
 
 
-def _jsonable(v):
+def jsonable(v):
     if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
+        return {k: jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     if isinstance(v, np.generic):
         v = v.item()
     if isinstance(v, float) and not math.isfinite(v):
@@ -313,7 +313,7 @@ def save_report(result: dict, out_dir, name: str = "patch_attack") -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / f"{name}.{k}" for k in ("json", "csv", "png")}
-    paths["json"].write_text(json.dumps(_jsonable(result), indent=2) + "\n", encoding="utf-8")
+    paths["json"].write_text(json.dumps(jsonable(result), indent=2) + "\n", encoding="utf-8")
     with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["patch", "size", "corner_x", "corner_y", "correct_before", "flipped", "success",

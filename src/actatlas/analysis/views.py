@@ -45,9 +45,16 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..atlas import Atlas, AtlasLevel
-from ..errors import UserError
+from ..errors import ConfigError, UserError
+from ..export.site import export_atlas
+from ..grid import load_grid, save_grid
+from ..layout import load_layout, save_layout
 from ..models.spec import resolve_class
-from ..store import layer_dirname, write_json_atomic
+from ..pipeline import best_member_fidelity, check_layer, load_run_model, run_whiten
+from ..render import RenderConfig, render_icons
+from ..run import open_run
+from ..stages import config_hash, run_stage, stage_hash
+from ..store import ensure_dir, layer_dirname, save_png_atomic, write_json_atomic
 from .classes import FILTERS, ClassAtlas, class_atlas
 from .compare import Y_METHODS, Candidate, Comparison, cell_sides, compare
 
@@ -129,13 +136,9 @@ def _resolve(run, key) -> int:
 
 
 def _setup(run_dir, layer, render_cfg):
-    from ..pipeline import _check_layer, stage_hash
-    from ..render import RenderConfig
-    from ..run import open_run
-
     run_dir = Path(run_dir)
     run = open_run(run_dir)
-    layer = _check_layer(run, layer)
+    layer = check_layer(run, layer)
     if run.attributions(layer) is None:
         raise UserError(f"run {run_dir} has no attributions for layer {layer!r}: collect with "
                         "'--attributions full' for class atlases and comparisons")
@@ -166,16 +169,19 @@ def _up_to_date(out: Path, kind: str, key: str) -> bool:
 MARKER = ".actatlas-view"
 
 
-def _prepare(out: Path) -> None:
-    """Empty the parts of `out` this module writes (a previous result with other settings).
-
-    Refuses a non-empty folder that this module did not create (``--out`` pointing at a run, say),
-    so that nothing else is ever deleted."""
+def _claim(out: Path) -> None:
+    """Make `out` this module's results folder: new, empty, or already marked as ours. Refuses a
+    non-empty folder that this module did not create (``out`` pointing at a run, say), so that
+    nothing else is ever deleted."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
-        raise UserError(f"{out} exists and is not a class-atlas/compare results folder; give an empty or "
-                        "new folder with --out")
-    out.mkdir(parents=True, exist_ok=True)
+        raise ConfigError(f"{out} exists and is not a class-atlas/compare results folder; give an empty or "
+                          "new results folder")
+    ensure_dir(out, "results folder")
     (out / MARKER).write_text("written by actatlas class-atlas / compare; safe to overwrite\n")
+
+
+def _prepare(out: Path) -> None:
+    """Empty the parts of `out` (claimed by `_claim`) this module writes: a previous result."""
     (out / "result.json").unlink(missing_ok=True)
     for sub in ("atlas", "grid", "layout", "viewer"):
         if (out / sub).is_dir():
@@ -189,12 +195,9 @@ def _render(run_dir: Path, run, layer: str, level, acts: np.ndarray, cfg, ridge:
     """Icons for the kept cells of `level` (directions = level.mean_activation [m, c]) with the run's
     whitening (like ``pipeline.run_render``). acts: [n, c] the subset's activations (member ids of
     `level` index it). Returns (images [m, P, P, 3] uint8, fidelity [m], member_fidelity [m], S)."""
-    from ..pipeline import _load_spec, best_member_fidelity, run_whiten
-    from ..render import render_icons
-
-    S = run_whiten(run_dir, layer, ridge)[1] if cfg.whiten else None
+    S = run_whiten(run_dir, layer, ridge).S if cfg.whiten else None
     if spec is None:
-        spec = _load_spec(run, cfg.device or "cpu")
+        spec = load_run_model(run, cfg.device or "cpu")
     module_layer = run.config["module_layers"][layer]
     icons = render_icons(spec, module_layer, level.mean_activation, cfg, S=S, progress=progress)
     member = best_member_fidelity(level, acts, S)
@@ -207,18 +210,16 @@ def _atlas_level(level, images, fidelity, member) -> AtlasLevel:
 
 
 def _cell_records(alv: AtlasLevel, class_names: list[str], rows: np.ndarray, level) -> list[dict]:
-    """One dict per kept cell (see the module docstring); rows: [n] run rows the level's members index."""
-    out = []
-    for c in range(len(alv.i)):
-        i, j = int(alv.i[c]), int(alv.j[c])
-        top = [[int(k), class_names[int(k)] if 0 <= int(k) < len(class_names) else str(int(k)), round(float(v), 6)]
-               for k, v in zip(alv.top_classes[c], alv.top_values[c])]
-        out.append({"cell": c, "i": i, "j": j, "n": int(alv.count[c]), "top": top,
-                    "fidelity": round(float(alv.fidelity[c]), 4),
-                    "member_fidelity": round(float(alv.member_fidelity[c]), 4),
-                    "icon": f"atlas/level-{alv.size}/cell-{i}-{j}.png",
-                    "rows": rows[level.members(c)].tolist()})
-    return out
+    """One dict per kept cell (see the module docstring); rows: [n] run rows the level's members index.
+    ``grid.level_to_records`` builds the common fields; a cell adds its index, icon path and run rows."""
+    from ..grid import level_to_records  # TODO(lead): move into the module's `from ..grid import` line
+
+    recs = level_to_records(alv, class_names, None, digits=6, unknown_name=True)
+    fid = np.asarray(alv.fidelity, np.float64).tolist()
+    member = np.asarray(alv.member_fidelity, np.float64).tolist()
+    return [{"cell": c, **rec, "fidelity": round(fid[c], 4), "member_fidelity": round(member[c], 4),
+             "icon": f"atlas/level-{alv.size}/cell-{rec['i']}-{rec['j']}.png",
+             "rows": rows[level.members(c)].tolist()} for c, rec in enumerate(recs)]
 
 
 def _font():
@@ -301,39 +302,33 @@ def labelled_canvas(level: AtlasLevel, labels: list[str], title: str | None = No
     return img
 
 
-def _save_png(img: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    tmp.replace(path)
-
-
 def _viewer(out: Path, atlas_dir: Path, run_dir: Path, level, rows: np.ndarray, title: str,
             patches_per_cell: int) -> Path:
-    from ..export.site import export_atlas
-
     return export_atlas(atlas_dir, out / "viewer", run_dir, grid_levels=[level], subset_rows=rows, title=title,
                         single_file=True, patches_per_cell=patches_per_cell)
 
 
-def _start(out: Path, kind: str, key_rec: dict, force: bool) -> str | None:
-    """None when `out` already holds this result (same inputs and settings) and not `force`; otherwise
-    the result key, with `out` prepared for a fresh computation."""
-    from ..collect import config_hash
-
+def _run_view(out: Path, kind: str, key_rec: dict, force: bool, compute) -> bool:
+    """Run ``compute(key)`` through the stage engine unless `out` already holds this result (same
+    inputs and settings) and not `force`. Returns whether it ran. `out` gets its own manifest and
+    lock; a folder this module did not create is refused before anything is written."""
+    _claim(out)
     key = config_hash(key_rec)
-    if not force and _up_to_date(out, kind, key):
+
+    def fn(resume: bool) -> None:
+        _prepare(out)
+        compute(key)
+
+    rep = run_stage(out, kind, key_rec, fn, lambda: _up_to_date(out, kind, key), force=force)
+    if not rep.ran:
         log.info("%s in %s is up to date: loaded", kind.replace("_", " "), out)
-        return None
-    _prepare(out)
-    return key
+    return rep.ran
 
 
 def _render_subset(out: Path, run_dir: Path, run, layer: str, level, rows: np.ndarray, cfg, ridge: float, spec,
                    progress: bool, grid: int, min_count: int):
     """Render one icon per kept cell of `level` (a grid over run rows `rows`), save the one-level atlas
     and grid under `out`. Returns (AtlasLevel, icon fidelity [m], best-member fidelity [m])."""
-    from ..grid import save_grid
-
     if level.m == 0:
         raise UserError(f"no cell of the {grid}x{grid} grid holds {min_count}+ of the {len(rows)} rows: "
                         "lower --min-count or --grid")
@@ -382,45 +377,47 @@ def class_atlas_and_render(run_dir, layer: str | None, cls, *, mode: str = "winn
     names = run.class_names
     out = Path(out) if out is not None else (run_dir / "class-atlas" / layer_dirname(layer)
                                              / f"{class_slug(c, names[c])}-{mode}")
-    from ..layout import save_layout
-
     lcfg_rec = dataclasses.asdict(layout_cfg) if layout_cfg is not None else None
     key_rec = {"kind": CLASS_ATLAS, "format": FORMAT, "collect": chash, "layer": layer, "class": c, "mode": mode,
                "top": int(top), "grid": int(grid), "min_count": int(min_count), "layout": lcfg_rec,
                "render": _render_record(cfg), "ridge": ridge, "viewer": viewer, "patches": patches_per_cell}
-    key = _start(out, CLASS_ATLAS, key_rec, force)
-    if key is None:
+    views: list = []
+
+    def compute(key: str) -> None:
+        ca = class_atlas(run, layer, c, mode, top, grid, layout_cfg, min_count=min_count, progress=progress)
+        alv, fid, member = _render_subset(out, run_dir, run, layer, ca.level, ca.rows, cfg, ridge, spec, progress,
+                                          grid, min_count)
+        save_layout(ca.layout, out / "layout", layer)
+        np.savez(out / "rows.npz", rows=ca.rows, coords=ca.coords)
+        labels = [names[int(t)] if t >= 0 else "" for t in ca.level.label]
+        title = f"class atlas: {names[c]} ({mode}{f' {top}' if mode == 'top' else ''}, {layer})"
+        paths = {"png": "class_atlas.png", "labelled_png": "class_atlas_labelled.png", "json": "class_atlas.json"}
+        save_png_atomic(out / paths["png"], alv.canvas())
+        save_png_atomic(out / paths["labelled_png"], labelled_canvas(alv, labels, title=title))
+        if viewer:
+            paths["viewer"] = str(_viewer(out, out / "atlas", run_dir, ca.level, ca.rows, title,
+                                          patches_per_cell).relative_to(out))
+        summary = {
+            "kind": CLASS_ATLAS, "out_dir": str(out), "run_dir": str(run_dir), "layer": layer,
+            "class": {"index": c, "name": names[c]}, "filter": mode, "top": int(top), "grid": int(grid),
+            "min_count": int(min_count), "rows": int(len(ca.rows)), "rows_in_cells": int(ca.level.count.sum()),
+            "cells": int(ca.level.m), "icon_size": int(alv.icon_size), "mean_icon_fidelity": _mean(fid),
+            "mean_member_fidelity": _mean(member), "layout": {"method": ca.layout.method, "params": ca.layout.params},
+            "cells_top_class_is_target": int(np.sum(ca.level.label == c)),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        write_json_atomic(out / paths["json"], {
+            **{k: v for k, v in summary.items() if k not in ("seconds", "cells")}, "n_cells": int(ca.level.m),
+            "axes": "i = x cell (rightward), j = y cell (upward) of the subset's own layout",
+            "cells": _cell_records(alv, names, ca.rows, ca.level)})
+        write_json_atomic(out / "result.json", {"kind": CLASS_ATLAS, "format": FORMAT, "key": key, "settings": key_rec,
+                                                "summary": summary, "paths": paths})
+        views.append(ClassAtlasView(out_dir=out, layer=layer, level=alv, class_names=names, summary=summary,
+                              paths={k: out / v for k, v in paths.items()}, ran=True, atlas=ca))
+
+    if not _run_view(out, CLASS_ATLAS, key_rec, force, compute):
         return load_class_atlas(out)
-    ca = class_atlas(run, layer, c, mode, top, grid, layout_cfg, min_count=min_count, progress=progress)
-    alv, fid, member = _render_subset(out, run_dir, run, layer, ca.level, ca.rows, cfg, ridge, spec, progress,
-                                      grid, min_count)
-    save_layout(ca.layout, out / "layout", layer)
-    np.savez(out / "rows.npz", rows=ca.rows, coords=ca.coords)
-    labels = [names[int(t)] if t >= 0 else "" for t in ca.level.label]
-    title = f"class atlas: {names[c]} ({mode}{f' {top}' if mode == 'top' else ''}, {layer})"
-    paths = {"png": "class_atlas.png", "labelled_png": "class_atlas_labelled.png", "json": "class_atlas.json"}
-    _save_png(Image.fromarray(alv.canvas()), out / paths["png"])
-    _save_png(labelled_canvas(alv, labels, title=title), out / paths["labelled_png"])
-    if viewer:
-        paths["viewer"] = str(_viewer(out, out / "atlas", run_dir, ca.level, ca.rows, title,
-                                      patches_per_cell).relative_to(out))
-    summary = {
-        "kind": CLASS_ATLAS, "out_dir": str(out), "run_dir": str(run_dir), "layer": layer,
-        "class": {"index": c, "name": names[c]}, "filter": mode, "top": int(top), "grid": int(grid),
-        "min_count": int(min_count), "rows": int(len(ca.rows)), "rows_in_cells": int(ca.level.count.sum()),
-        "cells": int(ca.level.m), "icon_size": int(alv.icon_size), "mean_icon_fidelity": _mean(fid),
-        "mean_member_fidelity": _mean(member), "layout": {"method": ca.layout.method, "params": ca.layout.params},
-        "cells_top_class_is_target": int(np.sum(ca.level.label == c)),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    write_json_atomic(out / paths["json"], {
-        **{k: v for k, v in summary.items() if k not in ("seconds", "cells")}, "n_cells": int(ca.level.m),
-        "axes": "i = x cell (rightward), j = y cell (upward) of the subset's own layout",
-        "cells": _cell_records(alv, names, ca.rows, ca.level)})
-    write_json_atomic(out / "result.json", {"kind": CLASS_ATLAS, "format": FORMAT, "key": key, "settings": key_rec,
-                                            "summary": summary, "paths": paths})
-    return ClassAtlasView(out_dir=out, layer=layer, level=alv, class_names=names, summary=summary,
-                          paths={k: out / v for k, v in paths.items()}, ran=True, atlas=ca)
+    return views[0]
 
 
 def _read_result(out, kind: str) -> dict:
@@ -438,9 +435,6 @@ def _read_result(out, kind: str) -> dict:
 
 def load_class_atlas(out) -> ClassAtlasView:
     """Read a folder written by ``class_atlas_and_render`` (``ran=False``)."""
-    from ..grid import load_grid
-    from ..layout import load_layout
-
     out = Path(out)
     res = _read_result(out, CLASS_ATLAS)
     s, layer = res["settings"], res["summary"]["layer"]
@@ -490,56 +484,58 @@ def compare_and_render(run_dir, layer: str | None, left, right, *, top: int = 20
     key_rec = {"kind": COMPARISON, "format": FORMAT, "collect": chash, "layer": layer, "left": a, "right": b,
                "top": int(top), "grid": int(grid), "y": y_method, "min_count": int(min_count), "seed": int(seed),
                "render": _render_record(cfg), "ridge": ridge, "viewer": viewer, "patches": patches_per_cell}
-    key = _start(out, COMPARISON, key_rec, force)
-    if key is None:
+    views: list = []
+
+    def compute(key: str) -> None:
+        cmp = compare(run, layer, a, b, top=top, grid=grid, y_method=y_method, min_count=min_count, seed=seed)
+        alv, fid, member = _render_subset(out, run_dir, run, layer, cmp.level, cmp.rows, cfg, ridge, spec, progress,
+                                          grid, min_count)
+        np.savez(out / "rows.npz", rows=cmp.rows, coords=cmp.coords, x=cmp.x, y=cmp.y)
+        marks = {k.cell for k in cmp.candidates}
+        title = (f"{names[a]} vs {names[b]} ({layer}; x: attribution {names[b]} - {names[a]}, y: {y_method})"
+                 + ("; red frame: candidate patch cell" if marks else ""))
+        paths = {"png": "comparison.png", "json": "comparison.json"}
+        save_png_atomic(out / paths["png"],
+                        labelled_canvas(alv, cmp.labels, title=title, marks=marks, axis=(names[a], names[b])))
+        if viewer:
+            paths["viewer"] = str(_viewer(out, out / "atlas", run_dir, cmp.level, cmp.rows,
+                                          f"{names[a]} \u2190 \u2192 {names[b]}: two-class comparison ({layer})",
+                                          patches_per_cell).relative_to(out))
+        cells = _cell_records(alv, names, cmp.rows, cmp.level)
+        side_name = {-1: "left", 1: "right", 0: "middle"}
+        for rec, sd in zip(cells, cmp.sides.tolist()):
+            rec["side"] = side_name[int(sd)]
+        cands = [{**k.to_dict(), "icon": cells[k.cell]["icon"], "rows": cells[k.cell]["rows"]} for k in cmp.candidates]
+        summary = {
+            "kind": COMPARISON, "out_dir": str(out), "run_dir": str(run_dir), "layer": layer,
+            "left": {"index": a, "name": names[a]}, "right": {"index": b, "name": names[b]}, "top": int(top),
+            "grid": int(grid), "y": y_method, "min_count": int(min_count), "rows": int(len(cmp.rows)),
+            "rows_in_cells": int(cmp.level.count.sum()), "cells": int(cmp.level.m), "icon_size": int(alv.icon_size),
+            "mean_icon_fidelity": _mean(fid), "mean_member_fidelity": _mean(member),
+            "candidates": [{k: v for k, v in c.items() if k != "rows"} for c in cands],
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        write_json_atomic(out / paths["json"], {
+            **{k: v for k, v in summary.items() if k not in ("seconds", "candidates", "cells")},
+            "n_cells": int(cmp.level.m),
+            "axes": ("x = (attr[right] - attr[left]) / P99(|.|) clipped to [-1, 1], binned as (x + 1) / 2: "
+                     "columns i < G/2 are the left side, i >= G/2 the right side (G even); "
+                     "j = y cell (upward) of the 1-D embedding"),
+            "cells": cells, "candidates": cands})
+        write_json_atomic(out / "result.json", {"kind": COMPARISON, "format": FORMAT, "key": key, "settings": key_rec,
+                                                "summary": summary, "paths": paths})
+        views.append(ComparisonView(out_dir=out, layer=layer, level=alv, class_names=names, summary=summary,
+                              paths={k: out / v for k, v in paths.items()}, ran=True, comparison=cmp))
+
+    if not _run_view(out, COMPARISON, key_rec, force, compute):
         return load_comparison(out)
-    cmp = compare(run, layer, a, b, top=top, grid=grid, y_method=y_method, min_count=min_count, seed=seed)
-    alv, fid, member = _render_subset(out, run_dir, run, layer, cmp.level, cmp.rows, cfg, ridge, spec, progress,
-                                      grid, min_count)
-    np.savez(out / "rows.npz", rows=cmp.rows, coords=cmp.coords, x=cmp.x, y=cmp.y)
-    marks = {k.cell for k in cmp.candidates}
-    title = (f"{names[a]} vs {names[b]} ({layer}; x: attribution {names[b]} - {names[a]}, y: {y_method})"
-             + ("; red frame: candidate patch cell" if marks else ""))
-    paths = {"png": "comparison.png", "json": "comparison.json"}
-    _save_png(labelled_canvas(alv, cmp.labels, title=title, marks=marks, axis=(names[a], names[b])),
-              out / paths["png"])
-    if viewer:
-        paths["viewer"] = str(_viewer(out, out / "atlas", run_dir, cmp.level, cmp.rows,
-                                      f"{names[a]} \u2190 \u2192 {names[b]}: two-class comparison ({layer})",
-                                      patches_per_cell).relative_to(out))
-    cells = _cell_records(alv, names, cmp.rows, cmp.level)
-    side_name = {-1: "left", 1: "right", 0: "middle"}
-    for rec, sd in zip(cells, cmp.sides.tolist()):
-        rec["side"] = side_name[int(sd)]
-    cands = [{**k.to_dict(), "icon": cells[k.cell]["icon"], "rows": cells[k.cell]["rows"]} for k in cmp.candidates]
-    summary = {
-        "kind": COMPARISON, "out_dir": str(out), "run_dir": str(run_dir), "layer": layer,
-        "left": {"index": a, "name": names[a]}, "right": {"index": b, "name": names[b]}, "top": int(top),
-        "grid": int(grid), "y": y_method, "min_count": int(min_count), "rows": int(len(cmp.rows)),
-        "rows_in_cells": int(cmp.level.count.sum()), "cells": int(cmp.level.m), "icon_size": int(alv.icon_size),
-        "mean_icon_fidelity": _mean(fid), "mean_member_fidelity": _mean(member),
-        "candidates": [{k: v for k, v in c.items() if k != "rows"} for c in cands],
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    write_json_atomic(out / paths["json"], {
-        **{k: v for k, v in summary.items() if k not in ("seconds", "candidates", "cells")},
-        "n_cells": int(cmp.level.m),
-        "axes": ("x = (attr[right] - attr[left]) / P99(|.|) clipped to [-1, 1], binned as (x + 1) / 2: "
-                 "columns i < G/2 are the left side, i >= G/2 the right side (G even); "
-                 "j = y cell (upward) of the 1-D embedding"),
-        "cells": cells, "candidates": cands})
-    write_json_atomic(out / "result.json", {"kind": COMPARISON, "format": FORMAT, "key": key, "settings": key_rec,
-                                            "summary": summary, "paths": paths})
-    return ComparisonView(out_dir=out, layer=layer, level=alv, class_names=names, summary=summary,
-                          paths={k: out / v for k, v in paths.items()}, ran=True, comparison=cmp)
+    return views[0]
 
 
 def load_comparison(out) -> ComparisonView:
     """Read a folder written by ``compare_and_render`` (``ran=False``): the full ``Comparison`` (rows, x,
     y, grid level, labels, sides, candidates as ``Candidate``) plus icons and summary."""
     import json
-
-    from ..grid import load_grid
 
     out = Path(out)
     res = _read_result(out, COMPARISON)

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError
-from .sources import SAMPLE_PREFIX, ImageDecodeError, ImageItem, ImageSource, load_rgb
+from .decode import SAMPLE_PREFIX, ImageDecodeError, load_file
 
 DEFAULT_COUNT = 512
 
@@ -77,7 +77,7 @@ def _photo_size(name: str) -> tuple[int, int]:
 @functools.lru_cache(maxsize=None)
 def _photo(name: str) -> Image.Image:
     """A decoded bundled photo as RGB (cached: 14 photos, about 20 MB in all)."""
-    return load_rgb(os.path.join(sample_dir(), name))
+    return load_file(os.path.join(sample_dir(), name))
 
 
 def parse_count(spec: str) -> int:
@@ -106,26 +106,6 @@ def crop_boxes(n: int, seed: int, photos: list[str]) -> list[tuple[str, tuple[in
         y0 = int(rng.integers(0, h - side + 1))
         out.append((name, (x0, y0, x0 + side, y0 + side)))
     return out
-
-
-def sample_source(spec: str = "sample", *, seed: int = 0) -> ImageSource:
-    """The `ImageSource` for ``"sample"`` / ``"sample:N"`` (label_key None for every crop)."""
-    n = parse_count(spec)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise UserError(f"seed must be an integer, not {seed!r}")
-    photos = available_photos()
-    if not photos:
-        raise UserError(f"none of the bundled sample photos were found in {sample_dir()}")
-    items = [
-        ImageItem(i, f"{SAMPLE_PREFIX}{name}#{x0},{y0},{x1},{y1}", None)
-        for i, (name, (x0, y0, x1, y1)) in enumerate(crop_boxes(n, int(seed), photos))
-    ]
-    return ImageSource(
-        items,
-        f"bundled sample crops (scikit-image photos, seed {int(seed)})",
-        fingerprint_salt=f"sample seed={int(seed)} photos={','.join(photos)}",
-        stat_files=False,
-    )
 
 
 def load_crop(path: str) -> Image.Image:

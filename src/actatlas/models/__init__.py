@@ -5,7 +5,8 @@ GoogLeNet, weights from a file or URL). Adapters: ``torchvision:<name>``, ``timm
 ``package.module:factory``.
 """
 
-from .registry import describe_models, list_models, load_model, register
+from .adapters import spec_from_module
+from .registry import describe_models, list_models, load_model, prepare_spec, register
 from .spec import ModelSpec, Preprocess, imagenet_classes, resolve_class
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "list_models",
     "describe_models",
     "register",
+    "prepare_spec",
+    "spec_from_module",
     "imagenet_classes",
     "resolve_class",
 ]

@@ -266,9 +266,16 @@ def factory_model(target: str, weights: str | None = None, sha256: str | None = 
     module = result
     if weights is not None:
         info["weights"] = _load_weights(module, weights, sha256, target)
+    return spec_from_module(module, name=target, info=info)
+
+
+def spec_from_module(module: nn.Module, name: str | None = None, info: dict | None = None) -> ModelSpec:
+    """Wrap a plain ImageNet-style classifier ``nn.Module`` as a `ModelSpec`: ImageNet mean/std,
+    resize 256 + centre crop 224 bilinear; ImageNet class names for 1000 outputs, else ``class_{i}``;
+    the default layer chosen by `default_layer`."""
     module.eval()
     pre = Preprocess(size=224, resize=256, mode="resize_crop", interpolation="bilinear",
                      mean=_IMAGENET_MEAN, std=_IMAGENET_STD)
     names, wnids = _class_names(_num_outputs(module, pre.size))
-    return ModelSpec(name=target, module=module, preprocess=pre, class_names=names, wnids=wnids,
-                     default_layer=default_layer(module, pre.size), info=info)
+    return ModelSpec(name=name or type(module).__name__, module=module, preprocess=pre, class_names=names,
+                     wnids=wnids, default_layer=default_layer(module, pre.size), info=dict(info or {}))

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import UserError
 from .layers import Conv2dSame, fold_batchnorms
-from .registry import register
+from .catalog import register
 from .spec import ModelSpec, Preprocess, imagenet_classes
 
 log = logging.getLogger(__name__)

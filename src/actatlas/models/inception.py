@@ -39,7 +39,7 @@ from torch import nn
 
 from ..errors import UserError
 from .layers import Conv2dSame, MaxPool2dSame
-from .registry import register
+from .catalog import register
 from .spec import ModelSpec, Preprocess
 
 log = logging.getLogger(__name__)

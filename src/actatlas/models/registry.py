@@ -7,46 +7,25 @@ any callable returning an ``nn.Module`` or a ``ModelSpec``.
 
 from __future__ import annotations
 
-import inspect
-
 import fnmatch
-import importlib
+import inspect
 import logging
-from typing import Callable
 
 from ..errors import UserError
+from . import efficientnet, inception  # noqa: F401  (their factories register in the catalog)
+from .catalog import DESCRIPTIONS, FACTORIES, register  # noqa: F401  (register re-exported)
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-_REGISTRY: dict[str, Callable[..., ModelSpec]] = {}
-_DESCRIPTIONS: dict[str, str] = {}
-
-
-def register(name: str, description: str = ""):
-    """Decorator registering a factory ``f(weights=None, **kw) -> ModelSpec`` under `name`."""
-
-    def deco(fn):
-        _REGISTRY[name] = fn
-        _DESCRIPTIONS[name] = description or (fn.__doc__ or "").strip().splitlines()[0]
-        return fn
-
-    return deco
-
-
-def _ensure_builtin():
-    from . import efficientnet, inception  # noqa: F401  (registers on import)
-
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a glob `pattern` (timm style: ``list_models("eff*")``)."""
-    _ensure_builtin()
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    return sorted(n for n in FACTORIES if fnmatch.fnmatch(n, pattern))
 
 
 def describe_models() -> dict[str, str]:
-    _ensure_builtin()
-    return {n: _DESCRIPTIONS[n] for n in sorted(_REGISTRY)}
+    return {n: DESCRIPTIONS[n] for n in sorted(FACTORIES)}
 
 
 def load_model(name: str, weights: str | None = None, sha256: str | None = None,
@@ -58,9 +37,8 @@ def load_model(name: str, weights: str | None = None, sha256: str | None = None,
         weights: optional weights file path or URL (``file://``, ``https://``) where the model takes them.
         sha256: expected checksum of downloaded weights.
     """
-    _ensure_builtin()
-    if name in _REGISTRY:
-        factory = _REGISTRY[name]
+    if name in FACTORIES:
+        factory = FACTORIES[name]
         params = inspect.signature(factory).parameters
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             extra = sorted(set(kwargs) - set(params))
@@ -87,6 +65,11 @@ def load_model(name: str, weights: str | None = None, sha256: str | None = None,
     # how to load this model again (later stages of a run reload it by name)
     spec.info["load_args"] = {"weights": weights, "sha256": sha256,
                               **{k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))}}
+    return prepare_spec(spec, device)
+
+
+def prepare_spec(spec: ModelSpec, device: str = "cpu") -> ModelSpec:
+    """Eval mode, no gradients on parameters, on `device`: how every stage expects a model."""
     spec.module.eval()
     for p in spec.module.parameters():
         p.requires_grad_(False)

@@ -181,6 +181,12 @@ class ModelSpec:
         self.module.to(device)
         return self
 
+    @property
+    def device(self) -> torch.device:
+        """Where the module's parameters are (cpu for a module without parameters)."""
+        p = next(iter(self.module.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
+
 
 def resolve_class(key: str | int, names: Sequence[str], wnids: Sequence[str] | None = None) -> int:
     """See `ModelSpec.class_index`."""

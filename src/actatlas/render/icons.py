@@ -25,9 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..models.spec import ModelSpec
 from ._forward import forward_to_layers, frozen, model_input
-from .objectives import _center, boundary_penalty, direction, direction_cossim, target_vectors
+from .objectives import center_vectors, boundary_penalty, direction, direction_cossim, target_vectors
 from .optimize import optimize
 from .params import FFTImage
 from .transforms import make_transforms
@@ -86,11 +87,11 @@ class RenderConfig:
             if not isinstance(v, (int, float, np.floating)) or not math.isfinite(v) or v < 0 or (lo_open and v == 0):
                 bad.append(f"{name}={v!r} must be a finite number {'> 0' if lo_open else '>= 0'}")
         if bad:
-            raise ValueError("invalid render setting: " + "; ".join(bad))
+            raise ConfigError("invalid render setting: " + "; ".join(bad))
         if self.transforms not in ("recipe", "notebook", "none"):
-            raise ValueError(f"transforms must be 'recipe', 'notebook' or 'none', not {self.transforms!r}")
+            raise ConfigError(f"transforms must be 'recipe', 'notebook' or 'none', not {self.transforms!r}")
         if self.objective not in ("lucid", "cosine", "dot"):
-            raise ValueError(f"objective must be 'lucid', 'cosine' or 'dot', not {self.objective!r}")
+            raise ConfigError(f"objective must be 'lucid', 'cosine' or 'dot', not {self.objective!r}")
 
     @classmethod
     def cpu_default(cls, **overrides) -> "RenderConfig":
@@ -174,7 +175,7 @@ def centre_activations(spec: ModelSpec, layer: str, images: torch.Tensor) -> tor
     name = spec.resolve_layer(layer)
     with frozen(spec.module):
         acts = forward_to_layers(spec.module, model_input(spec, images), [name])[name]
-    return _center(acts).float()
+    return center_vectors(acts).float()
 
 
 def icon_fidelity(spec: ModelSpec, layer: str, images: np.ndarray | torch.Tensor, directions, S=None,
@@ -201,11 +202,6 @@ def _to_uint8(img: torch.Tensor) -> np.ndarray:
 
 def _seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def _model_device(spec: ModelSpec) -> torch.device:
-    p = next(iter(spec.module.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def render_icons(spec: ModelSpec, layer: str, directions: np.ndarray, cfg: RenderConfig | None = None,
@@ -236,7 +232,7 @@ def render_icons(spec: ModelSpec, layer: str, directions: np.ndarray, cfg: Rende
         log.warning("cfg.whiten is False: ignoring the whitening matrix S")
         S = None
     layer_name = spec.resolve_layer(layer)  # fail early on an unknown layer
-    device = torch.device(cfg.device) if cfg.device else _model_device(spec)
+    device = torch.device(cfg.device) if cfg.device else spec.device
     m, P, A = len(dirs), cfg.icon_size, cfg.attempts
     transforms = make_transforms(cfg.transforms, P, cfg.per_sample_transforms)
 

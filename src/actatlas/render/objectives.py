@@ -180,7 +180,7 @@ class _OnDevice:
         return self._cache[key]
 
 
-def _center(acts: torch.Tensor) -> torch.Tensor:
+def center_vectors(acts: torch.Tensor) -> torch.Tensor:
     """[b, c, h, w] -> [b, c] at position [h//2, w//2] (lower-right of the central 2x2 for even sizes)."""
     if acts.dim() == 2:
         return acts
@@ -188,7 +188,7 @@ def _center(acts: torch.Tensor) -> torch.Tensor:
 
 
 def _layer_center(ctx: RenderContext, layer: str, target: _OnDevice) -> tuple[torch.Tensor, torch.Tensor]:
-    h = _center(ctx.acts[layer])
+    h = center_vectors(ctx.acts[layer])
     v = target.like(h)
     if h.shape != v.shape:
         raise ValueError(f"layer {layer!r} centre activations {tuple(h.shape)} do not match the target "
@@ -261,7 +261,7 @@ def neuron(layer: str, n: int) -> Objective:
     """Channel `n` of `layer` at the centre position [H//2, W//2], per image -> [b]."""
 
     def fn(ctx):
-        return _center(ctx.acts[layer])[:, n]
+        return center_vectors(ctx.acts[layer])[:, n]
 
     return Objective(fn, f"neuron({layer}:{n})", {layer})
 

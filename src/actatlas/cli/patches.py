@@ -1,7 +1,6 @@
 """The ``patch-attack`` and ``find-patches`` subcommands (method.md §4.3, §3.3); registered by ``cli``.
 
-Thin over ``actatlas.analysis.attack``: parse, call, print. Helpers of ``cli`` (``_emit``, ``_load``) are
-imported inside the command functions, since ``cli`` imports this module.
+Thin over ``actatlas.analysis.attack``: parse, call, print.
 """
 
 from __future__ import annotations
@@ -9,7 +8,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .errors import UserError
+from ..analysis.attack import (find_patches, labelled_images, looks_like_cell_spec, parse_cell_spec,
+                               render_cell_patch, run_patch_attack)
+from ..analysis.views import class_slug
+from ..data import ImageDecodeError, load_rgb
+from ..errors import ConfigError, DataError
+from ..models.spec import resolve_class
+from ..pipeline import check_layer
+from ..run import open_run
+from .common import add_common, add_device_args, add_model_args, emit, load_model_of, runtime_of
 
 _DEFAULT_SIZES = "0.1,0.2,0.3,0.4,0.5,0.6,0.7"
 
@@ -28,7 +35,7 @@ def _add_attack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise control and of --max-images")
 
 
-def add_patch_parsers(sub, add_model_args, add_common) -> None:
+def add_parsers(sub) -> None:
     """Add ``patch-attack`` and ``find-patches`` to the ``actatlas`` subparsers."""
     p = sub.add_parser("patch-attack",
                        help="paste patches on images and measure how often the model flips to a target class")
@@ -65,8 +72,7 @@ def add_patch_parsers(sub, add_model_args, add_common) -> None:
     p.add_argument("--min-count", type=int, default=4, help="comparison cells kept with >= this many rows")
     _add_attack_args(p)
     p.add_argument("--out", "-o", help="output folder (default: RUN/patches/<layer>/<left>-vs-<right>)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
+    add_device_args(p)
     add_common(p)
 
 
@@ -74,19 +80,19 @@ def _sizes(text: str) -> list[float]:
     try:
         sizes = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise UserError(f"--sizes must be comma-separated fractions, e.g. {_DEFAULT_SIZES}; got {text!r}") from None
+        raise ConfigError(f"--sizes must be comma-separated fractions, e.g. {_DEFAULT_SIZES}; got {text!r}") from None
     if not sizes or any(not 0 < s <= 1 for s in sizes):
-        raise UserError(f"--sizes must be fractions of the image side in (0, 1], got {text!r}")
+        raise ConfigError(f"--sizes must be fractions of the image side in (0, 1], got {text!r}")
     return sizes
 
 
 def _check_counts(args) -> None:
     if args.max_images is not None and args.max_images < 1:
-        raise UserError(f"--max-images must be >= 1, got {args.max_images}")
+        raise ConfigError(f"--max-images must be >= 1, got {args.max_images}")
     if args.min_source < 1:
-        raise UserError(f"--min-source must be >= 1, got {args.min_source}")
+        raise ConfigError(f"--min-source must be >= 1, got {args.min_source}")
     if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
 
 
 def _open_patch(text: str, spec, args):
@@ -95,31 +101,20 @@ def _open_patch(text: str, spec, args):
     Files decode through the same loader as collection (`actatlas.data.load_rgb`: 16-bit and other
     wide modes scaled, transparency over white, EXIF orientation, the default pixel cap); any
     decoding problem (corrupt, truncated, a decompression bomb) is a UserError."""
-    from .analysis.attack import looks_like_cell_spec, parse_cell_spec, render_cell_patch
-    from .data import ImageDecodeError, load_rgb
-
     path = Path(text).expanduser()
     if path.is_file():
         try:
             img = load_rgb(path)
         except ImageDecodeError as exc:
-            raise UserError(f"--patch {text}: not a readable image ({exc.reason})") from None
+            raise DataError(f"--patch {text}: not a readable image ({exc.reason})") from None
         return path.name, img, {"file": str(path)}
     if looks_like_cell_spec(text):
         cell = parse_cell_spec(text)
         img, info = render_cell_patch(cell, args.patch_size_px, args.render_steps, spec=spec, device=args.device,
                                       progress=not args.quiet)
         return cell.name, img, info
-    raise UserError(f"--patch {text}: no such image file (give a PNG/JPEG file or an atlas cell "
+    raise DataError(f"--patch {text}: no such image file (give a PNG/JPEG file or an atlas cell "
                     "RUN:LAYER:LEVEL:I:J)")
-
-
-def _slug(index: int, name: str) -> str:
-    """'2-great-white-shark': a folder name for a class, unique by its index."""
-    import re
-
-    s = re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-")[:60]
-    return f"{int(index)}-{s}" if s else str(int(index))
 
 
 def _pct(v) -> str:
@@ -127,14 +122,11 @@ def _pct(v) -> str:
 
 
 def cmd_patch_attack(args) -> None:
-    from .analysis.attack import labelled_images, run_patch_attack
-    from .cli import _emit, _load
-
     sizes = _sizes(args.sizes)
     _check_counts(args)
     if args.patch_size_px < 8:
-        raise UserError(f"--patch-size-px must be >= 8, got {args.patch_size_px}")
-    spec = _load(args)
+        raise ConfigError(f"--patch-size-px must be >= 8, got {args.patch_size_px}")
+    spec = load_model_of(args, runtime_of(args))
     target = spec.class_index(args.target)
     source = spec.class_index(args.source) if args.source is not None else None
     imgs = labelled_images(args.images, spec)
@@ -158,30 +150,19 @@ def cmd_patch_attack(args) -> None:
         lines.append(f"{name[:40]:40s} {_pct(r['static_success']):>7s} {_pct(r['dynamic_success']):>8s} "
                      f"{_pct(pb):>11s} -> {_pct(pa):>7s}")
     lines.append(f"reports in {args.out} (summary.json, <patch>.json/.csv/.png)")
-    _emit(args, res, "\n".join(lines))
+    emit(args, res, "\n".join(lines))
 
 
 def cmd_find_patches(args) -> None:
-    from .analysis.attack import find_patches
-    from .cli import _emit
-    from .models.spec import resolve_class
-    from .run import open_run
-
     sizes = _sizes(args.sizes)
     _check_counts(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     run = open_run(args.run)
-    layer = args.layer or run.layers[0]
-    if layer not in run.layers:
-        raise UserError(f"layer {layer!r} was not collected in {args.run}; collected: {', '.join(run.layers)}")
+    layer = check_layer(run, args.layer)
     L = resolve_class(args.left, run.class_names, run.wnids)
     R = resolve_class(args.right, run.class_names, run.wnids)
     out = args.out
     if out is None:
-        out = Path(args.run) / "patches" / layer / f"{_slug(L, run.class_names[L])}-vs-{_slug(R, run.class_names[R])}"
+        out = Path(args.run) / "patches" / layer / f"{class_slug(L, run.class_names[L])}-vs-{class_slug(R, run.class_names[R])}"
     res = find_patches(args.run, layer, L, R, images=args.images, max_candidates=args.max_candidates,
                        patch_px=args.patch_px, render_steps=args.render_steps, sizes=sizes, corners=args.corners,
                        min_source=args.min_source, max_images=args.max_images, top=args.top, grid=args.grid,
@@ -200,7 +181,7 @@ def cmd_find_patches(args) -> None:
     lines += [f"{k}: {v}" for k, v in res.paths.items()]
     summary = dict(res.to_dict(), left_name=names[L], right_name=names[R], out=str(out),
                    best=res.ranking[0] if res.ranking else None)
-    _emit(args, summary, "\n".join(lines))
+    emit(args, summary, "\n".join(lines))
 
 
-PATCH_COMMANDS = {"patch-attack": cmd_patch_attack, "find-patches": cmd_find_patches}
+COMMANDS = {"patch-attack": cmd_patch_attack, "find-patches": cmd_find_patches}

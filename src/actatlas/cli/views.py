@@ -1,10 +1,14 @@
 """``actatlas class-atlas`` and ``actatlas compare`` (method.md §3.2, §3.3): thin over
-``actatlas.analysis.views``. Registered by ``cli.build_parser`` / ``cli.COMMANDS``."""
+``actatlas.analysis.views``."""
 
 from __future__ import annotations
 
+from ..analysis.views import candidates_table, class_atlas_and_render, compare_and_render
+from ..layout import LayoutConfig
+from .common import add_common, add_render_args, emit, render_config
 
-def add_view_parsers(sub) -> None:
+
+def add_parsers(sub) -> None:
     """Add the class-atlas and compare subcommands to the ``actatlas`` subparsers `sub`."""
     p = sub.add_parser("class-atlas", help="class activation atlas: the activations supporting one class, "
                                            "their own layout, one icon per cell")
@@ -36,25 +40,13 @@ def add_view_parsers(sub) -> None:
 
 
 def _add_view_args(p) -> None:
-    from .cli import _add_common, _add_render_args
-
     p.add_argument("--out", "-o", help="results folder (default: a folder under the run)")
     p.add_argument("--patches", type=int, default=8,
                    help="real image patches per cell in the viewer (default: %(default)s)")
     p.add_argument("--no-viewer", action="store_true", help="skip the viewer page")
     p.add_argument("--force", action="store_true", help="recompute even when the folder is up to date")
-    _add_render_args(p)
-    _add_common(p)
-
-
-def _render_cfg(args):
-    from .cli import _render_cfg as cfg
-
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    return cfg(args)
+    add_render_args(p)
+    add_common(p)
 
 
 def _lines(v, head: list[str]) -> str:
@@ -66,11 +58,7 @@ def _summary(v) -> dict:
 
 
 def cmd_class_atlas(args) -> None:
-    from .analysis.views import class_atlas_and_render
-    from .cli import _emit
-    from .layout import LayoutConfig
-
-    cfg = _render_cfg(args)
+    cfg = render_config(args)
     lcfg = LayoutConfig(method=args.layout, n_neighbors=20, min_dist=0.01, metric="cosine", seed=args.seed)
     v = class_atlas_and_render(args.run, args.layer, args.cls, mode=args.filter, top=args.top, grid=args.grid,
                                min_count=args.min_count, layout_cfg=lcfg, render_cfg=cfg, out=args.out,
@@ -81,14 +69,11 @@ def cmd_class_atlas(args) -> None:
             f"{s['filter']}: {s['rows']} rows, {s['cells']} cells of {s['grid']}x{s['grid']}"
             + ("" if v.ran else " (up to date: loaded, not recomputed)"),
             f"  icon fidelity {s['mean_icon_fidelity']}, best real member {s['mean_member_fidelity']}"]
-    _emit(args, _summary(v), _lines(v, head))
+    emit(args, _summary(v), _lines(v, head))
 
 
 def cmd_compare(args) -> None:
-    from .analysis.views import candidates_table, compare_and_render
-    from .cli import _emit
-
-    cfg = _render_cfg(args)
+    cfg = render_config(args)
     v = compare_and_render(args.run, args.layer, args.left, args.right, top=args.top, grid=args.grid,
                            y_method=args.y_method, min_count=args.min_count, seed=args.seed, render_cfg=cfg,
                            out=args.out, patches_per_cell=args.patches, viewer=not args.no_viewer,
@@ -98,7 +83,7 @@ def cmd_compare(args) -> None:
     head = [f"{left} (left) vs {right} (right), layer {s['layer']}: {s['rows']} rows, {s['cells']} cells of "
             f"{s['grid']}x{s['grid']}" + ("" if v.ran else " (up to date: loaded, not recomputed)"),
             candidates_table(s["candidates"], left, right)]
-    _emit(args, _summary(v), _lines(v, head))
+    emit(args, _summary(v), _lines(v, head))
 
 
-VIEW_COMMANDS = {"class-atlas": cmd_class_atlas, "compare": cmd_compare}
+COMMANDS = {"class-atlas": cmd_class_atlas, "compare": cmd_compare}

@@ -1,0 +1,158 @@
+"""``actatlas layout``, ``grid``, ``render``, ``build``, ``export`` and ``serve``: the atlas of a run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..collect import CollectConfig
+from ..data import images
+from ..errors import RunStateError
+from ..export import export_site, serve
+from ..export.serve import check_port
+from ..pipeline import build_atlas, check_layer, run_assemble, run_grid, run_layout, run_render
+from ..run import open_run
+from ..store import ensure_dir
+from .common import (add_common, add_engine_args, add_grid_args, add_layout_args, add_max_pixels, add_model_args,
+                     add_render_args, emit, layout_config, load_model_of, model_options,
+                     parse_levels, render_config, runtime_of, stage_line)
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("layout", help="2-D layout (UMAP by default) of a collected layer")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--layer", "-l", help="collected layer (default: the first)")
+    add_layout_args(p)
+    add_common(p)
+
+    p = sub.add_parser("grid", help="multi-level grid of cells over the layout")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--layer", "-l")
+    add_grid_args(p)
+    add_common(p)
+
+    p = sub.add_parser("render", help="render one icon per grid cell (feature visualization)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--layer", "-l")
+    add_render_args(p)
+    add_engine_args(p)
+    add_common(p)
+
+    p = sub.add_parser("build", help="collect -> layout -> grid -> render -> atlas PNGs, skipping finished stages")
+    add_model_args(p)
+    p.add_argument("--images", "-i", required=True, help="a folder, a .txt list or sample[:N]")
+    p.add_argument("--out", "-o", required=True, help="run directory")
+    p.add_argument("--layer", "-l", help="layer name or alias (default: the model's)")
+    p.add_argument("--limit", type=int, help="use only the first N images")
+    p.add_argument("--per-image", type=int, default=1, help="random positions per image")
+    p.add_argument("--batch-size-collect", type=int, default=32, dest="collect_batch_size")
+    add_max_pixels(p)
+    p.add_argument("--smooth-maxpool", action="store_true",
+                   help="attributions through max-pools use the article's smooth relaxation of the max-pool "
+                        "gradient (InceptionV1; method.md 1.3)")
+    p.add_argument("--seed", type=int, default=0, help="seed for positions, layout and icons")
+    add_layout_args(p, seed=False)
+    add_grid_args(p)
+    add_render_args(p, device=False, seed=False)
+    add_engine_args(p)
+    add_common(p)
+
+    p = sub.add_parser("export", help="export the atlas of a run as a static site (the viewer)")
+    p.add_argument("run", help="run directory (after 'actatlas build')")
+    p.add_argument("--out", "-o", required=True, help="site folder to write")
+    p.add_argument("--single-file", action="store_true", help="one self-contained index.html (opens from file://)")
+    p.add_argument("--layer", "-l", action="append", help="layer to export (repeatable; default: all)")
+    p.add_argument("--patches", type=int, default=8, help="real image patches per cell (default: %(default)s)")
+    p.add_argument("--patch-size", type=int, default=64, help="patch side in pixels (default: %(default)s)")
+    add_common(p)
+
+    p = sub.add_parser("serve", help="serve an exported site (or a run, exported to RUN/site first) locally")
+    p.add_argument("path", help="a site folder (with index.html) or a run directory")
+    p.add_argument("--port", "-p", type=int, default=8000, help="default: %(default)s")
+    p.add_argument("--host", default=None,
+                   help="address to bind (default 127.0.0.1; giving one explicitly allows non-local hosts)")
+    p.add_argument("--max-requests", type=int, default=None, help=argparse.SUPPRESS)
+    add_common(p)
+
+
+def cmd_layout(args) -> None:
+    res = run_layout(args.run, args.layer, layout_config(args), progress=not args.quiet)
+    n = len(res.layout.coords)
+    emit(args, {"stage": res.report.name, "ran": res.report.ran, "seconds": res.report.seconds, "rows": int(n)},
+         stage_line(res.report) + f" ({n} points)")
+
+
+def cmd_grid(args) -> None:
+    res = run_grid(args.run, args.layer, parse_levels(args.levels), min_count=args.min_count,
+                   progress=not args.quiet)
+    cells = {int(lv.size): int(len(lv.i)) for lv in res.levels}
+    emit(args, {"stage": res.report.name, "ran": res.report.ran, "seconds": res.report.seconds, "cells": cells},
+         stage_line(res.report) + " (cells per level: " + ", ".join(f"{g}: {c}" for g, c in cells.items()) + ")")
+
+
+def cmd_render(args) -> None:
+    runtime = runtime_of(args)
+    cfg = render_config(args)
+    layer = check_layer(open_run(args.run), args.layer)
+    ren = run_render(args.run, layer, cfg, progress=runtime.progress, runtime=runtime)
+    asm = run_assemble(args.run, layer, ren)
+    emit(args, {"stage": ren.report.name, "ran": ren.report.ran, "seconds": ren.report.seconds,
+                "pngs": {str(g): str(p) for g, p in asm.pngs.items()}},
+         stage_line(ren.report) + "\n" + "\n".join(f"level {g}: {p}" for g, p in asm.pngs.items()))
+
+
+def cmd_build(args) -> None:
+    runtime = runtime_of(args)
+    levels = parse_levels(args.levels)
+    render = render_config(args)
+    layout = layout_config(args)
+    spec = load_model_of(args, runtime)
+    source = images(args.images, max_pixels=args.max_pixels)
+    atlas = build_atlas(source, out=args.out, model=spec, layer=args.layer, levels=levels,
+                        min_count=args.min_count, limit=args.limit,
+                        collect=CollectConfig(per_image=args.per_image, seed=args.seed,
+                                              batch_size=args.collect_batch_size,
+                                              smooth_maxpool=args.smooth_maxpool),
+                        layout=layout, render=render, runtime=runtime, weights=args.weights, sha256=args.sha256,
+                        model_options=model_options(args))
+    s = atlas.summary
+
+    def r3(v):
+        return v if v is None else round(v, 3)
+
+    lines = [f"atlas of {s['model']} layer {s['layer']} from {s['samples']} samples:"]
+    for lv in s["levels"]:
+        lines.append(f"  level {lv['size']:>3}: {lv['cells']:>5} cells, icon fidelity {r3(lv['icon_fidelity'])}, "
+                     f"best real member {r3(lv['member_fidelity'])}")
+    lines.append("stages run: " + (", ".join(s["stages_run"]) or "none (everything up to date)"))
+    lines += [f"canvas level {g}: {p}" for g, p in s["pngs"].items()]
+    emit(args, s, "\n".join(lines))
+
+
+def cmd_export(args) -> None:
+    ensure_dir(args.out, "site folder")
+    index = export_site(args.run, args.out, single_file=args.single_file, layers=args.layer,
+                        patches_per_cell=args.patches, patch_size=args.patch_size)
+    emit(args, {"index": str(index), "single_file": bool(args.single_file)},
+         f"wrote {index}" + ("" if args.single_file else f" (serve with: actatlas serve {args.out})"))
+
+
+def cmd_serve(args) -> None:
+    check_port(args.port)  # a bad --port fails before a run is exported
+    root = Path(args.path)
+    if not (root / "index.html").is_file():
+        if not (root / "manifest.json").is_file() or not (root / "atlas").is_dir():
+            raise RunStateError(f"{root} is neither a site (no index.html) nor a built run "
+                                "(no manifest.json + atlas/)")
+        site = root / "site"
+        stamps = [p.stat().st_mtime for p in (root / "atlas").glob("*/atlas.json")]
+        if not (site / "index.html").is_file() or (stamps and max(stamps) > (site / "index.html").stat().st_mtime):
+            print(f"exporting {root} to {site} ...", flush=True)
+            export_site(root, site)
+        root = site
+    serve(root, host=args.host or "127.0.0.1", port=args.port, max_requests=args.max_requests,
+          allow_remote=args.host is not None, quiet=args.quiet)
+
+
+COMMANDS = {"layout": cmd_layout, "grid": cmd_grid, "render": cmd_render, "build": cmd_build,
+            "export": cmd_export, "serve": cmd_serve}

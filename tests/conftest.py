@@ -1,0 +1,53 @@
+"""Shared test set-up: tests/ on sys.path (the tiny models), numba's disk cache, the fast render
+settings and the one tiny atlas build that many modules use.
+
+`build_tiny(out, **overrides)` runs ``aa.build_atlas`` on the tiny CNN over bundled sample crops with
+settings that take seconds; `tiny_run` is one such run, built once per session (copy it before
+changing it). Anything that runs UMAP or the real model is marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".cache" / "numba"))
+
+import actatlas as aa  # noqa: E402
+
+FAST_RENDER = dict(steps=8, attempts=1, icon_size=24, batch_size=8, transforms="recipe")
+
+
+def fast_render(**kw) -> aa.RenderConfig:
+    """CPU-default render settings cut down to a few steps on small icons."""
+    return dataclasses.replace(aa.RenderConfig.cpu_default(), **{**FAST_RENDER, **kw})
+
+
+def tiny_build(out, **kw) -> aa.Atlas:
+    """``aa.build_atlas`` of the tiny CNN over 160 bundled crops (2 positions each), levels 2 and 4,
+    a PCA layout unless `layout` is given, and `fast_render` icons; keyword arguments override."""
+    args = dict(images="sample:160", out=out, model="tinymodels:tiny_cnn", levels=(2, 4), min_count=2,
+                collect=aa.CollectConfig(per_image=2, batch_size=32), layout=aa.LayoutConfig(method="pca"),
+                render=fast_render(), runtime=aa.Runtime(progress=False, numba_cache=False))
+    args.update(kw)
+    return aa.build_atlas(**args)
+
+
+@pytest.fixture(scope="session")
+def build_tiny():
+    """The `tiny_build` function, for tests that build their own variant."""
+    return tiny_build
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> aa.Atlas:
+    """One tiny atlas (see `tiny_build`), shared by the session: copy its run before changing it."""
+    return tiny_build(tmp_path_factory.mktemp("tiny") / "run")
