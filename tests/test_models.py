@@ -449,10 +449,10 @@ def test_fetch_weights_errors(tmp_path):
         fetch_weights(str(tmp_path / "nope.pth"), sha256="abc")
     with pytest.raises(UserError, match="unsupported URL scheme"):
         fetch_weights("ftp://example.com/w.pth", cache_dir=tmp_path)
-    with pytest.raises(UserError, match=r"127\.0\.0\.1.*--weights FILE"):
+    with pytest.raises(UserError, match=r"127\.0\.0\.1.*weights FILE"):
         fetch_weights("http://127.0.0.1:9/w.pth", cache_dir=tmp_path)  # connection refused
     missing = (tmp_path / "gone.pth").as_uri()
-    with pytest.raises(UserError, match="--weights FILE"):
+    with pytest.raises(UserError, match="weights FILE"):
         fetch_weights(missing, cache_dir=tmp_path / "c")
 
 

@@ -130,7 +130,7 @@ def test_cli_port_in_use_is_one_line_error(root, capsys):
         busy.listen(1)
         port = busy.getsockname()[1]
         rc, out, err = cli(capsys, root, "--port", port, "--max-requests", "0")
-        assert_one_line_error(rc, err, f"port {port} on 127.0.0.1 is already in use", "--port")
+        assert_one_line_error(rc, err, f"port {port} on 127.0.0.1 is already in use", "pick another port")
         assert "serving" not in out
     finally:
         busy.close()

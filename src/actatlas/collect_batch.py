@@ -89,22 +89,22 @@ class CollectConfig:
 
     def validate(self) -> None:
         if self.positions not in POSITIONS:
-            raise UserError(f"--positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
+            raise UserError(f"positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
         if self.attributions not in ATTRIBUTIONS:
-            raise UserError(f"--attributions must be one of {', '.join(ATTRIBUTIONS)}, not {self.attributions!r}")
+            raise UserError(f"attributions must be one of {', '.join(ATTRIBUTIONS)}, not {self.attributions!r}")
         for name in ("per_image", "batch_size", "shard_size", "topk", "loader_threads"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be >= 1")
         if self.border < 0:
             raise UserError("border must be >= 0")
         if self.limit is not None and self.limit < 1:
-            raise UserError("--limit must be >= 1")
+            raise UserError("limit must be >= 1")
         if self.activation_dtype not in ("float32", "float16"):
             raise UserError("activation dtype must be float32 or float16")
         if self.engine not in ENGINES:
-            raise UserError(f"--engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+            raise UserError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
         if self.amp and self.attributions != "none":
-            raise UserError("--amp applies to the plain forward only: use it with --attributions none "
+            raise UserError("amp applies to the plain forward only: use it with attributions='none' "
                             "(attributions through a half-precision forward-mode pass were too inexact; "
                             "see docs/scale.md)")
         if self.ray_actors is not None and self.ray_actors < 1:

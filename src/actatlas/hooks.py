@@ -30,10 +30,6 @@ class LayerInfo:
         return len(self.shape) == 3
 
 
-class _Stop(Exception):
-    """Raised inside a hook to end the forward pass early."""
-
-
 def get_module(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
@@ -94,27 +90,3 @@ def capture(model: nn.Module, names: Sequence[str],
     finally:
         for h in handles:
             h.remove()
-
-
-def forward_until(model: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
-    """Run `model` on `x` only until module `name` has produced its output; return that output.
-
-    Later modules are not run (an exception ends the pass), so feature visualization pays only for
-    the layers it needs.
-    """
-    out: dict[str, torch.Tensor] = {}
-
-    def hook(mod, inp, o):
-        out["v"] = o
-        raise _Stop
-
-    handle = get_module(model, name).register_forward_hook(hook)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if "v" not in out:
-        raise RuntimeError(f"layer {name!r} was not reached in the forward pass")
-    return out["v"]

@@ -38,10 +38,12 @@ from ..data import ImageDecodeError, images, load_rgb
 from ..errors import UserError
 from ..grid import load_grid
 from ..models.spec import resolve_class
-from ..pipeline import run_whiten
+from ..pipeline import check_layer, run_whiten
 from ..render import RenderConfig, render_icons
 from ..run import load_run_model, open_run
 from ..stages import read_manifest
+from ..store import ensure_dir, save_png_atomic, write_json_atomic
+from .compare import compare
 from .patches import (DEFAULT_SIZES, PatchAttackResult, Classifier, corner_list, jsonable, evaluate_patch,
                       noise_patch, save_report)
 
@@ -177,7 +179,7 @@ def cell_direction(cell: CellSpec) -> tuple[np.ndarray, dict]:
         levels = load_grid(Path(cell.run) / "grid", cell.layer)
     except UserError:
         raise UserError(f"cell spec {cell}: the run has no grid for {cell.layer!r} yet "
-                        f"(run 'actatlas grid {cell.run} --layer {cell.layer}' or 'actatlas build')") from None
+                        f"(grid the run's layer {cell.layer} first, e.g. by building its atlas)") from None
     by_size = {lv.size: lv for lv in levels}
     if cell.level not in by_size:
         raise UserError(f"cell spec {cell}: no grid level {cell.level}; levels: "
@@ -558,11 +560,8 @@ def find_patches(run_dir, layer: str, left, right, images=None, spec=None, max_c
     calls: images are decoded and classified once); None = the run's own images.
     With `out` writes ranking.json, ranking.csv, contact_sheet.png, patches/*.png and reports/*.
     """
-    from .compare import compare
-
     run = open_run(run_dir)
-    if layer not in run.layers:
-        raise UserError(f"layer {layer!r} was not collected in {run_dir}; collected: {', '.join(run.layers)}")
+    layer = check_layer(run, layer)
     names = run.class_names
     L, R = resolve_class(left, names, run.wnids), resolve_class(right, names, run.wnids)
     if L == R:
@@ -570,66 +569,23 @@ def find_patches(run_dir, layer: str, left, right, images=None, spec=None, max_c
     if max_candidates < 1:
         raise UserError(f"max candidates must be >= 1, got {max_candidates}")
     spec = _spec_for_run(run, spec, device)
-    bank = images if isinstance(images, ImageBank) else None
-    if bank is not None:
-        if bank.spec is not spec and bank.spec.name != spec.name:
-            raise UserError(f"the image bank was classified by {bank.spec.name}, the run by {spec.name}")
-        imgs = bank.images
-    elif isinstance(images, LabelledImages):
-        imgs = images
-    elif images is None:
-        imgs = run_images(run_dir)
-    else:
-        imgs = labelled_images(images, spec)
+    bank, imgs = _attack_images(run_dir, images, spec)
     cmp = compare(run, layer, L, R, top=top, grid=grid, y_method=y_method, min_count=min_count, seed=seed)
     chosen = select_candidates(list(cmp.candidates), max_candidates)
     all_cands = [c.to_dict() for c in cmp.candidates]
     out_dir = Path(out) if out is not None else None
-    paths: dict = {}
-    ranking: list[dict] = []
+    ranked: list[tuple[dict, Image.Image]] = []
     sets: dict = {}
     if chosen:
         dirs = np.stack([cmp.level.mean_activation[c.cell] for c in chosen])
         patches, icons = render_patches(spec, run_dir, layer, dirs, patch_px, render_steps, device=None,
                                         progress=progress)
         bank = bank or ImageBank(spec, imgs, batch_size, progress)
-        noise_img = noise_patch(spec.input_size, seed)
-        per_dir: dict = {}
-        for k, c in enumerate(chosen):
-            src, tgt = (L, R) if c.side == "right" else (R, L)
-            if (src, tgt) not in per_dir:
-                aset = prepare_attack_set(bank, tgt, src, min_source, max_images, seed)
-                if aset.fallback:
-                    log.warning(aset.note)
-                nz = evaluate_on_set(bank, aset, noise_img, sizes, corners, desc=f"noise {names[src]}->{names[tgt]}")
-                per_dir[(src, tgt)] = (aset, nz)
-                sets[f"{names[src]} -> {names[tgt]}"] = dict(aset.to_dict(names), noise=_compact(nz.summary()))
-            aset, nz = per_dir[(src, tgt)]
-            res = evaluate_on_set(bank, aset, patches[k], sizes, corners, desc=f"candidate {k + 1}/{len(chosen)}")
-            summ = attack_summary(res, nz, aset, names)
-            entry = dict(c.to_dict(), source=int(src), source_name=names[src], target=int(tgt),
-                         target_name=names[tgt], fidelity=float(icons.fidelity[k]),
-                         **_compact(summ), noise=_compact(summ["noise"]),
-                         score=lift(summ), lift_dynamic=lift(summ, "dynamic_success"),
-                         lift_p_target=lift(summ, "p_target_after"),
-                         source_fallback=aset.fallback, images_used=aset.n)
-            entry.pop("per_size", None)
-            entry["noise"].pop("per_size", None)
-            if out_dir is not None:
-                stem = f"cand{k + 1:02d}-{c.side}-i{c.i}-j{c.j}"
-                (out_dir / "patches").mkdir(parents=True, exist_ok=True)
-                patches[k].save(out_dir / "patches" / f"{stem}.png")
-                entry["patch_png"] = str(out_dir / "patches" / f"{stem}.png")
-                entry["report"] = save_report(dict(summ, candidate=c.to_dict()), out_dir / "reports", stem)
-            entry["_patch"] = patches[k]
-            ranking.append(entry)
-        ranking.sort(key=lambda e: (_key(e["score"]), _key(e["lift_dynamic"]), _key(e["lift_p_target"])),
-                     reverse=True)
-        for r, e in enumerate(ranking):
-            e["rank"] = r + 1
-    thumbs = [e.pop("_patch") for e in ranking]
+        ranked = _rank_candidates(bank, chosen, patches, icons.fidelity, (L, R), names, sizes, corners, min_source,
+                                  max_images, seed, sets, out_dir)
+    ranking = [entry for entry, _ in ranked]
+    paths: dict = {}
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
         doc = dict(run=str(run_dir), layer=layer, left=L, left_name=names[L], right=R, right_name=names[R],
                    comparison=dict(rows=int(len(cmp.rows)), grid=grid, cells=int(cmp.level.m), top=top,
                                    y_method=y_method, min_count=min_count),
@@ -638,25 +594,94 @@ def find_patches(run_dir, layer: str, left, right, images=None, spec=None, max_c
                                  corners=[list(c) for c in corner_list(corners)], min_source=min_source,
                                  max_images=max_images, seed=seed, images=imgs.description),
                    candidates=all_cands, attack_sets=sets, ranking=ranking)
-        paths["json"] = str(out_dir / "ranking.json")
-        Path(paths["json"]).write_text(json.dumps(jsonable(doc), indent=2) + "\n", encoding="utf-8")
-        paths["csv"] = str(out_dir / "ranking.csv")
-        with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["rank", "side", "i", "j", "n", "top_class", "top_name", "value", "source", "target",
-                        "images_used", "source_fallback", "static_success", "dynamic_success",
-                        "noise_static_success", "noise_dynamic_success", "score", "lift_dynamic", "lift_p_target",
-                        "p_target_before", "p_target_after", "static_size", "static_corner_name", "fidelity"])
-            for e in ranking:
-                w.writerow([e["rank"], e["side"], e["i"], e["j"], e["n"], e["top_class"], e["top_name"], e["value"],
-                            e["source_name"], e["target_name"], e["images_used"], e["source_fallback"],
-                            e["static_success"], e["dynamic_success"], e["noise"]["static_success"],
-                            e["noise"]["dynamic_success"], e["score"], e["lift_dynamic"], e["lift_p_target"], e["p_target_before"],
-                            e["p_target_after"], e["static_size"], e["static_corner_name"], e["fidelity"]])
-        paths["contact_sheet"] = str(out_dir / "contact_sheet.png")
-        contact_sheet(thumbs, ranking, f"{names[L]} vs {names[R]} ({layer})").save(paths["contact_sheet"])
+        paths = _write_ranking(out_dir, doc, ranked, f"{names[L]} vs {names[R]} ({layer})")
     return FindPatchesResult(left=L, right=R, layer=layer, ranking=ranking, candidates=all_cands, attack_sets=sets,
                              paths=paths, comparison=cmp)
+
+
+def _attack_images(run_dir, images, spec) -> tuple["ImageBank | None", "LabelledImages"]:
+    """(the `ImageBank` given, or None; the labelled images to attack): `images` as `find_patches` takes it."""
+    if isinstance(images, ImageBank):
+        if images.spec is not spec and images.spec.name != spec.name:
+            raise UserError(f"the image bank was classified by {images.spec.name}, the run by {spec.name}")
+        return images, images.images
+    if isinstance(images, LabelledImages):
+        return None, images
+    if images is None:
+        return None, run_images(run_dir)
+    return None, labelled_images(images, spec)
+
+
+def _rank_candidates(bank, chosen, patches, fidelity, classes, names, sizes, corners, min_source, max_images,
+                     seed, sets: dict, out_dir: Path | None) -> list[tuple[dict, Image.Image]]:
+    """Attack with each candidate's patch (right-side cells: left -> right; left-side: right -> left),
+    each direction against its own source set and noise control (recorded in `sets`); with `out_dir`
+    each patch and its report are saved. Returns (ranking entry, patch image), best first."""
+    L, R = classes
+    noise_img = noise_patch(bank.spec.input_size, seed)
+    per_dir: dict = {}
+    ranked = []
+    for k, c in enumerate(chosen):
+        src, tgt = (L, R) if c.side == "right" else (R, L)
+        if (src, tgt) not in per_dir:
+            aset = prepare_attack_set(bank, tgt, src, min_source, max_images, seed)
+            if aset.fallback:
+                log.warning(aset.note)
+            nz = evaluate_on_set(bank, aset, noise_img, sizes, corners, desc=f"noise {names[src]}->{names[tgt]}")
+            per_dir[(src, tgt)] = (aset, nz)
+            sets[f"{names[src]} -> {names[tgt]}"] = dict(aset.to_dict(names), noise=_compact(nz.summary()))
+        aset, nz = per_dir[(src, tgt)]
+        res = evaluate_on_set(bank, aset, patches[k], sizes, corners, desc=f"candidate {k + 1}/{len(chosen)}")
+        summ = attack_summary(res, nz, aset, names)
+        entry = dict(c.to_dict(), source=int(src), source_name=names[src], target=int(tgt),
+                     target_name=names[tgt], fidelity=float(fidelity[k]),
+                     **_compact(summ), noise=_compact(summ["noise"]),
+                     score=lift(summ), lift_dynamic=lift(summ, "dynamic_success"),
+                     lift_p_target=lift(summ, "p_target_after"),
+                     source_fallback=aset.fallback, images_used=aset.n)
+        entry.pop("per_size", None)
+        entry["noise"].pop("per_size", None)
+        if out_dir is not None:
+            stem = f"cand{k + 1:02d}-{c.side}-i{c.i}-j{c.j}"
+            ensure_dir(out_dir / "patches")
+            save_png_atomic(out_dir / "patches" / f"{stem}.png", patches[k].convert("RGB"))
+            entry["patch_png"] = str(out_dir / "patches" / f"{stem}.png")
+            entry["report"] = save_report(dict(summ, candidate=c.to_dict()), out_dir / "reports", stem)
+        ranked.append((entry, patches[k]))
+    ranked.sort(key=lambda ep: (_key(ep[0]["score"]), _key(ep[0]["lift_dynamic"]), _key(ep[0]["lift_p_target"])),
+                reverse=True)
+    for r, (e, _) in enumerate(ranked):
+        e["rank"] = r + 1
+    return ranked
+
+
+RANKING_COLUMNS = ("rank", "side", "i", "j", "n", "top_class", "top_name", "value", "source", "target",
+                   "images_used", "source_fallback", "static_success", "dynamic_success", "noise_static_success",
+                   "noise_dynamic_success", "score", "lift_dynamic", "lift_p_target", "p_target_before",
+                   "p_target_after", "static_size", "static_corner_name", "fidelity")
+
+
+def _ranking_row(e: dict) -> list:
+    special = {"source": e["source_name"], "target": e["target_name"],
+               "noise_static_success": e["noise"]["static_success"],
+               "noise_dynamic_success": e["noise"]["dynamic_success"]}
+    return [special[k] if k in special else e[k] for k in RANKING_COLUMNS]
+
+
+def _write_ranking(out_dir: Path, doc: dict, ranked: list[tuple[dict, Image.Image]], title: str) -> dict:
+    """ranking.json, ranking.csv and contact_sheet.png in `out_dir`; returns their paths."""
+    ensure_dir(out_dir)
+    paths = {"json": str(out_dir / "ranking.json"), "csv": str(out_dir / "ranking.csv"),
+             "contact_sheet": str(out_dir / "contact_sheet.png")}
+    write_json_atomic(Path(paths["json"]), jsonable(doc))
+    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(RANKING_COLUMNS)
+        for e, _ in ranked:
+            w.writerow(_ranking_row(e))
+    sheet = contact_sheet([p for _, p in ranked], [e for e, _ in ranked], title)
+    save_png_atomic(Path(paths["contact_sheet"]), sheet)
+    return paths
 
 
 def _pct(v) -> str:

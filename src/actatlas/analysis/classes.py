@@ -133,7 +133,7 @@ def class_atlas(run, layer: str, cls: int, mode: str = "winner", top: int = 2000
     rows = class_filter(attr, cls, mode, top)
     if len(rows) < 4:
         raise UserError(f"only {len(rows)} activations pass the {mode!r} filter for class {cls}; "
-                        "need at least 4 (try --filter top or a larger run)")
+                        "need at least 4 (try the 'top' filter or a larger run)")
     acts = np.asarray(run.activations(layer)[rows], dtype=np.float32)
     sub_attr = np.asarray(attr[rows], dtype=np.float32)
     cfg = small_n_layout_config(layout_cfg, len(rows))

@@ -141,7 +141,7 @@ def _setup(run_dir, layer, render_cfg):
     layer = check_layer(run, layer)
     if run.attributions(layer) is None:
         raise UserError(f"run {run_dir} has no attributions for layer {layer!r}: collect with "
-                        "'--attributions full' for class atlases and comparisons")
+                        "attributions='full' for class atlases and comparisons")
     cfg = render_cfg or RenderConfig.cpu_default()
     return run_dir, run, layer, cfg, stage_hash(run_dir, "collect")
 
@@ -331,7 +331,7 @@ def _render_subset(out: Path, run_dir: Path, run, layer: str, level, rows: np.nd
     and grid under `out`. Returns (AtlasLevel, icon fidelity [m], best-member fidelity [m])."""
     if level.m == 0:
         raise UserError(f"no cell of the {grid}x{grid} grid holds {min_count}+ of the {len(rows)} rows: "
-                        "lower --min-count or --grid")
+                        "lower min_count or the grid size")
     acts = np.asarray(run.activations(layer)[rows], np.float32)
     images, fid, member, _ = _render(run_dir, run, layer, level, acts, cfg, ridge, spec, progress)
     alv = _atlas_level(level, images, fid, member)
@@ -473,7 +473,7 @@ def compare_and_render(run_dir, layer: str | None, left, right, *, top: int = 20
     run_dir, run, layer, cfg, chash = _setup(run_dir, layer, render_cfg)
     a, b = _resolve(run, left), _resolve(run, right)
     if a == b:
-        raise UserError(f"--left and --right are the same class ({a}: {run.class_names[a]})")
+        raise UserError(f"left and right are the same class ({a}: {run.class_names[a]})")
     if y_method not in Y_METHODS:
         raise UserError(f"y method must be one of {', '.join(Y_METHODS)}, got {y_method!r}")
     if grid < 2:

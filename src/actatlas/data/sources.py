@@ -133,7 +133,7 @@ class ImageSource(Sequence):
         """The first `n` items (all of them when n >= len); the CLI's ``--limit N``."""
         n = operator.index(n)
         if n < 0:
-            raise UserError(f"--limit must be >= 0, not {n}")
+            raise UserError(f"limit must be >= 0, not {n}")
         return self._subset(self._items[:n])
 
     def fingerprint(self) -> str:

@@ -183,12 +183,12 @@ def _bind_error(exc: OSError, host: str, port: int) -> UserError:
         return UserError(f"cannot serve on {host!r}: the host name does not resolve ({exc.strerror or exc})")
     code = exc.errno
     if code == errno.EADDRINUSE:
-        return UserError(f"port {port} on {host} is already in use; pick another with --port")
+        return UserError(f"port {port} on {host} is already in use; pick another port")
     if code in (errno.EACCES, errno.EPERM):
         return UserError(f"cannot bind port {port} on {host}: permission denied (ports below 1024 usually "
-                         "need administrator rights); pick another with --port")
+                         "need administrator rights); pick another port")
     if code == errno.EADDRNOTAVAIL:
-        return UserError(f"cannot bind {host}: not an address of this machine; pick another with --host")
+        return UserError(f"cannot bind {host}: not an address of this machine; pick another host")
     reason = exc.strerror or str(exc) or type(exc).__name__
     return UserError(f"cannot serve on {host} port {port}: {reason}")
 
@@ -205,7 +205,7 @@ def make_server(root: str | os.PathLike, host: str = "127.0.0.1", port: int = 80
         raise UserError(f"{root} is not a directory")
     if not is_loopback(host) and not allow_remote:
         raise UserError(f"refusing to serve on {host!r}: only 127.0.0.1/localhost/::1 unless a host is "
-                        "given explicitly (--host)")
+                        "given explicitly")
     port = check_port(port)
     handler = type("Handler", (_Handler,), {"root": root.resolve(), "quiet": quiet})
     base = ThreadingHTTPServer if threaded else HTTPServer

@@ -82,7 +82,7 @@ def default_layer(module: nn.Module, input_size: int = 224) -> str:
     if not four_d:
         top = [n for n, _ in module.named_children()]
         if not top:
-            raise UserError("the model has no sub-modules to hook; pass --layers explicitly")
+            raise UserError("the model has no sub-modules to hook; name the layers explicitly")
         log.warning("no module outputs a 4-D [b, c, h, w] tensor; default layer %s is a guess", top[len(top) // 2])
         return top[len(top) // 2]
     by_depth: dict[int, list[tuple[str, tuple[int, ...]]]] = {}

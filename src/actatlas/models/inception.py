@@ -285,7 +285,7 @@ def inceptionv1(weights: str | None = None, sha256: str | None = None,
     info: dict = {}
     if weights is None:
         _random_init(model, seed=0)
-        log.warning("inceptionv1 has random weights (no --weights given): activations and "
+        log.warning("inceptionv1 has random weights (no weights given): activations and "
                     "attributions are meaningless except for testing")
         info = {"weights": None, "sha256": None, "init": "random(seed=0)"}
     else:

@@ -65,7 +65,7 @@ def _normalize_sha(sha256: str | None) -> str | None:
     if s.startswith("sha256:"):
         s = s[len("sha256:"):]
     if not re.fullmatch(r"[0-9a-f]{64}", s):
-        raise UserError(f"--sha256 must be 64 hexadecimal digits, got {sha256!r}")
+        raise UserError(f"sha256 must be 64 hexadecimal digits, got {sha256!r}")
     return s
 
 
@@ -152,7 +152,7 @@ def _download(url: str, dest: Path, expected: str | None) -> None:
             reason = getattr(e, "reason", None) or e
             raise UserError(
                 f"could not download weights from {url}: {reason}. Download the file yourself and "
-                "pass it with --weights FILE."
+                "pass it as the weights FILE."
             ) from e
         digest = h.hexdigest()
         if expected is not None and digest != expected:

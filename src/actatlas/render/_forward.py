@@ -1,6 +1,6 @@
 """Run a network only as far as the layers an objective needs (performance.md "Rendering on CPU").
 
-`forward_to_layers` generalises `actatlas.hooks.forward_until` to several layers: it records the
+`forward_to_layers` runs a model only as far as the layers it needs: it records the
 output of each named module and ends the forward pass (by raising inside the hook) as soon as all of
 them have been produced, so modules after the deepest needed layer never run. Autograd graphs of the
 recorded outputs stay intact, so the caller can back-propagate to the input image.
