@@ -222,6 +222,30 @@ def test_single_file_bundle_has_class_heat(run_dir, site):
     assert base64.b64decode(bundle[key]) == (site / key).read_bytes()
 
 
+def test_export_of_atlas_objects_without_a_run(run_dir, site, tmp_path, caplog):
+    """An Atlas whose levels hold their grid levels exports without a run (its own class names, no
+    patches: one warning) and writes the same cells and class heat as the run's export."""
+    import dataclasses
+
+    from actatlas.export import export_atlases
+
+    atlas = open_atlas(run_dir)
+    grids = {g.size: g for g in load_grid(run_dir / "grid", LAYER)}
+    bare = Atlas(LAYER, [dataclasses.replace(lv, grid=grids[lv.size]) for lv in atlas.levels], atlas.class_names)
+    with caplog.at_level("WARNING", logger="actatlas.export.site"):
+        export_atlases([bare], tmp_path / "bare", title="bare")
+    msgs = [r.getMessage() for r in caplog.records if r.name == "actatlas.export.site"]
+    assert msgs == [f"1 layer has no provenance for its members (first: {LAYER}: the atlas has no run); "
+                    "exported without member patches"]
+    man = json.loads((tmp_path / "bare" / "manifest.json").read_text())
+    ref = json.loads((site / "manifest.json").read_text())
+    assert man["title"] == "bare" and man["model"] is None and man["class_names"] == ref["class_names"]
+    assert man["layers"] == ref["layers"]
+    for f in sorted((site / "data").rglob("*")):
+        if f.is_file():
+            assert (tmp_path / "bare" / f.relative_to(site)).read_bytes() == f.read_bytes(), f
+
+
 # ------------------------------------------------------------------ the viewer in Chromium
 @pytest.fixture(scope="module")
 def browser():

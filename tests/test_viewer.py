@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import http.client
 import json
 import os
 import shutil
-import sys
 import threading
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 
 from actatlas.errors import UserError
-from actatlas.export import export_site, make_server, notebook_html, resolve_request
+from actatlas.export import export_atlases, export_site, make_server, notebook_html, resolve_request, show
 from actatlas.export.site import patch_box
 
 TESTS = Path(__file__).resolve().parent
@@ -43,20 +41,14 @@ needs_browser = pytest.mark.skipif(
 
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".cache" / "numba"))
-    sys.path.insert(0, str(TESTS))
-    from actatlas.collect import CollectConfig
-    from actatlas.layout import LayoutConfig
-    from actatlas.pipeline import build
-    from actatlas.render import RenderConfig
+def built(tmp_path_factory, build_tiny):
+    """The tiny atlas as `build_atlas` returns it (each level holds its grid level)."""
+    return build_tiny(tmp_path_factory.mktemp("viewer") / "run", levels=(2, 4, 8))
 
-    out = tmp_path_factory.mktemp("viewer") / "run"
-    build(model="tinymodels:tiny_cnn", images="sample:160", out=out, levels=(2, 4, 8), min_count=2,
-          collect_cfg=CollectConfig(per_image=2), layout_cfg=LayoutConfig(n_neighbors=10),
-          render_cfg=dataclasses.replace(RenderConfig.cpu_default(), steps=8, icon_size=24, batch_size=8),
-          progress=False)
-    return out
+
+@pytest.fixture(scope="module")
+def run_dir(built):
+    return built.run_dir
 
 
 @pytest.fixture(scope="module")
@@ -408,7 +400,8 @@ def _artifact(name: str) -> Path:
 
 
 def test_atlas_repr_html_is_the_viewer(run_dir):
-    """Jupyter shows an atlas loaded from a run as the interactive viewer; without a run, as a PNG."""
+    """Jupyter: ``aa.show(atlas)`` is the interactive viewer of an atlas that knows its run, its
+    coarsest canvas otherwise; an Atlas itself shows the canvas and says how to get the viewer."""
     import base64
     import io
 
@@ -416,14 +409,118 @@ def test_atlas_repr_html_is_the_viewer(run_dir):
 
     from actatlas import Atlas, open_atlas
 
+    def png_size(h: str) -> tuple[int, int]:
+        b64 = h.split("base64,", 1)[1].split('"', 1)[0]
+        return Image.open(io.BytesIO(base64.b64decode(b64))).size
+
     atlas = open_atlas(run_dir)
     assert atlas.run_dir == run_dir
-    assert atlas._repr_html_() == notebook_html(run_dir, atlas.layer)
-    bare = Atlas(atlas.layer, atlas.levels, atlas.class_names)
-    h = bare._repr_html_()
-    b64 = h.split("base64,", 1)[1].split('"', 1)[0]
-    img = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert show(atlas)._repr_html_() == notebook_html(run_dir, atlas.layer)
+    assert f"height:{480}px" in show(atlas, height=480)._repr_html_()
     lv = atlas.levels[0]
-    assert img.size == (lv.size * lv.icon_size, lv.size * lv.icon_size)
+    own = atlas._repr_html_()
+    assert "<iframe" not in own and "actatlas.show(atlas)" in own
+    assert png_size(own) == (lv.size * lv.icon_size, lv.size * lv.icon_size)
+    bare = Atlas(atlas.layer, atlas.levels, atlas.class_names)
+    h = show(bare)._repr_html_()
+    assert "<iframe" not in h and png_size(h) == (lv.size * lv.icon_size, lv.size * lv.icon_size)
     with pytest.raises(UserError):
         open_atlas(run_dir.parent / "no-such-run")
+
+
+# ------------------------------------------------------------------ export from Atlas objects
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_export_of_built_atlas_matches_the_run_export(built, site, tmp_path):
+    """`export_atlases` of the atlas `build_atlas` returned (grid levels in memory, icons as arrays)
+    writes the same bytes as `export_site` of its run (grid levels and atlas read from disk)."""
+    assert all(lv.grid is not None for lv in built.levels)
+    index = export_atlases([built], tmp_path / "mem")
+    assert index == tmp_path / "mem" / "index.html"
+    assert _files(tmp_path / "mem") == _files(site)
+
+
+def _copy_run(run_dir: Path, dst: Path) -> Path:
+    shutil.copytree(run_dir, dst, ignore=shutil.ignore_patterns("site"))
+    return dst
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "actatlas.export.site" and r.levelname == "WARNING"]
+
+
+def test_export_says_what_it_leaves_out(run_dir, tmp_path, caplog):
+    """Moved photos and a missing grid level are one warning each (with a count), not silence."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = _copy_run(run_dir, tmp_path / "run")
+    rows = run / "collect" / "conv2" / "rows.parquet"
+    t = pq.read_table(rows)
+    moved = pa.array([f"{tmp_path}/moved/{p.rsplit('#', 1)[-1]}.jpg" for p in t.column("path").to_pylist()])
+    pq.write_table(t.set_column(t.schema.get_field_index("path"), "path", moved), rows)
+    (run / "grid" / "conv2" / "level-8.npz").unlink()
+    with caplog.at_level("WARNING", logger="actatlas.export.site"):
+        export_site(run, tmp_path / "site")
+    msgs = _warnings(caplog)
+    assert len(msgs) == 2, msgs
+    photos = next(m for m in msgs if "member photo" in m)
+    n = int(photos.split(" ", 1)[0])
+    assert n > 1 and f"member photos could not be read (first: {tmp_path}/moved/" in photos
+    assert photos.endswith("; their patches are left out")
+    grid = next(m for m in msgs if "grid level" in m)
+    assert grid.startswith("1 level has no grid level (first: conv2 level 8: ")
+    man = json.loads((tmp_path / "site" / "manifest.json").read_text())
+    assert man["layers"][0]["class_heat"]["levels"] == [2, 4]
+    for G in (2, 4, 8):
+        d = _level(tmp_path / "site", "conv2", G)
+        assert sum(d["pc"]) == 0 and ("w" in d) == (G != 8)
+
+
+def test_patch_geometry_from_the_run_or_the_model(run_dir, site, tmp_path, caplog):
+    """Member patches use the preprocessing the run recorded; without it, the model loaded again
+    (same patches); when neither is available, a plain 224 px centre crop and one warning."""
+    run = _copy_run(run_dir, tmp_path / "run")
+    complete = run / "collect" / "complete.json"
+    summary = json.loads(complete.read_text())
+    del summary["preprocess"]
+    complete.write_text(json.dumps(summary))
+    with caplog.at_level("WARNING", logger="actatlas.export.site"):
+        export_site(run, tmp_path / "reloaded")
+    assert _warnings(caplog) == []
+    for G in (2, 4, 8):
+        assert _level(tmp_path / "reloaded", "conv2", G)["pc"] == _level(site, "conv2", G)["pc"]
+        name = f"data/conv2/level-{G}/patches-0.png"
+        assert (tmp_path / "reloaded" / name).read_bytes() == (site / name).read_bytes()
+    del summary["config"]["model_info"]
+    complete.write_text(json.dumps(summary))
+    export_site(run, tmp_path / "plain")
+    msgs = _warnings(caplog)
+    assert len(msgs) == 1 and "plain 224 px centre crop" in msgs[0]
+    assert "records no preprocessing" in msgs[0] and "its model cannot be loaded" in msgs[0]
+    assert sum(_level(tmp_path / "plain", "conv2", 8)["pc"]) > 0
+
+
+def test_export_imports_no_pipeline_and_no_private_names():
+    """export/ depends on the atlas, grid, run, data, models, store and errors modules only, through
+    their public names, and imports nothing inside functions."""
+    import ast
+
+    import actatlas.export as export
+
+    allowed = {"atlas", "grid", "run", "data", "models", "store", "errors"}
+    for path in Path(export.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = set(map(id, tree.body))
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            assert id(node) in top, f"{path.name}:{node.lineno}: import inside a function"
+            if isinstance(node, ast.ImportFrom) and node.level == 2:
+                assert node.module.split(".")[0] in allowed, f"{path.name}: imports actatlas.{node.module}"
+                assert not [a.name for a in node.names if a.name.startswith("_")], f"{path.name}:{node.lineno}"
+            names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+            assert not any("pipeline" in n for n in names), f"{path.name}:{node.lineno}"

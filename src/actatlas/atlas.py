@@ -13,12 +13,15 @@ import html
 import io
 import json
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .errors import UserError
+from .grid import level_to_records
+from .models import resolve_class
 from .store import layer_dirname, write_json_atomic
 
 
@@ -39,6 +42,7 @@ class AtlasLevel:
     icons: np.ndarray
     fidelity: np.ndarray
     member_fidelity: np.ndarray
+    grid: Any = field(default=None, repr=False, compare=False)  # the GridLevel it was built from, if known
 
     @property
     def icon_size(self) -> int:
@@ -63,24 +67,22 @@ class Atlas:
     class_names: list[str]
     summary: dict = field(default_factory=dict)
     run_dir: Path | None = None  # the run it came from: lets notebooks show the full viewer
+    report: Any = field(default=None, repr=False, compare=False)  # pipeline.BuildReport of build_atlas
     # {G: float32 [m, classes]} full mean attributions per cell, read lazily by class_heat
     _attributions: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def _repr_html_(self) -> str:
-        """Jupyter display: the interactive viewer (single-file, inlined) when the run is known,
-        else the coarsest canvas as an inline PNG."""
-        if self.run_dir is not None and (Path(self.run_dir) / "manifest.json").is_file():
-            from .export import notebook_html
-
-            return notebook_html(self.run_dir, self.layer)
+        """Jupyter display: the coarsest canvas as an inline PNG (``actatlas.show(atlas)`` is the
+        interactive viewer)."""
+        hint = "<br>interactive viewer: <code>actatlas.show(atlas)</code>"
         if not self.levels:
-            return f"<p>activation atlas of {html.escape(self.layer)}: no levels</p>"
+            return f"<p>activation atlas of {html.escape(self.layer)}: no levels{hint}</p>"
         buf = io.BytesIO()
         Image.fromarray(self.levels[0].canvas()).save(buf, format="PNG")
         b64 = base64.b64encode(buf.getvalue()).decode("ascii")
         return (f'<figure><img src="data:image/png;base64,{b64}" style="max-width:100%" '
                 f'alt="activation atlas"><figcaption>{html.escape(self.layer)}, level '
-                f'{self.levels[0].size}</figcaption></figure>')
+                f'{self.levels[0].size}{hint}</figcaption></figure>')
 
     def level(self, size: int) -> AtlasLevel:
         for lv in self.levels:
@@ -101,8 +103,6 @@ class Atlas:
               "attribution": the raw signed mean attribution a of `cls` in each cell (the legend's units).
         sign: 1 positive influence, -1 negative influence.
         """
-        from .models.spec import resolve_class
-
         c = resolve_class(cls, self.class_names)
         lv = self.level(int(level))
         att = self._attributions.get(lv.size)
@@ -111,16 +111,13 @@ class Atlas:
         return class_heat_values(att, c, mode, sign)
 
     def records(self, level: AtlasLevel) -> list[dict]:
-        """JSON-able per-cell records (the viewer's data): grid position, count, top classes, fidelity."""
-        out = []
-        for k in range(len(level.i)):
-            top = [[int(c), self.class_names[int(c)] if 0 <= int(c) < len(self.class_names) else str(int(c)),
-                    round(float(v), 5)] for c, v in zip(level.top_classes[k], level.top_values[k])]
-            out.append({"i": int(level.i[k]), "j": int(level.j[k]), "n": int(level.count[k]), "top": top,
-                        "fidelity": round(float(level.fidelity[k]), 4),
-                        "member_fidelity": round(float(level.member_fidelity[k]), 4),
-                        "icon": f"level-{level.size}/cell-{int(level.i[k])}-{int(level.j[k])}.png"})
-        return out
+        """JSON-able per-cell records (``level-<G>.json``): grid position, count, top classes
+        (`grid.level_to_records`), fidelity and the icon's path."""
+        recs = level_to_records(level, self.class_names, None, digits=5, unknown_name=True)
+        return [{**rec, "fidelity": round(f, 4), "member_fidelity": round(mf, 4),
+                 "icon": f"level-{level.size}/cell-{rec['i']}-{rec['j']}.png"}
+                for rec, f, mf in zip(recs, np.asarray(level.fidelity, np.float64).tolist(),
+                                      np.asarray(level.member_fidelity, np.float64).tolist())]
 
     def save(self, directory: str | Path) -> dict[int, Path]:
         """Write ``<dir>/level-<G>.png`` canvases, ``level-<G>.json`` cells, ``level-<G>/cell-i-j.png``

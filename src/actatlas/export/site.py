@@ -32,31 +32,50 @@ Format 1 (sites exported before full class heat) kept each cell's top 20 classes
 ``data/<layer>/level-<G>-heat.json`` (the level entry's ``heat``: k, m, base64 uint16 ``idx`` and
 float16 ``val`` [m, k], per-class ``pos`` / ``neg``); the viewer still reads it and says in the
 legend that its heat is truncated.
+
+Python: `export_atlases` is the core: it exports `Atlas` objects (each level's grid comes from
+``level.grid`` when present, else from ``RUN/grid/<layer>/``); `export_site` opens a run's atlases and
+calls it; `export_atlas` does the same for one atlas saved outside ``RUN/atlas/`` (class atlases,
+comparisons); `show` is the Jupyter display. What an export has to leave out (unreadable member
+photos, levels without a grid level, layers without provenance) is logged as one warning per kind.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
+import io
 import json
+import logging
 import math
 import os
 import shutil
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
-from ..atlas import aligned_attributions, cell_winners, class_heat_values
-from ..errors import UserError
+from ..atlas import Atlas, AtlasLevel, aligned_attributions, cell_winners, class_heat_values
+from ..data import ImageDecodeError, load_rgb
+from ..errors import ConfigError, RunStateError, UserError
+from ..grid import GridLevel, load_grid
+from ..models import Preprocess
+from ..run import Rows, Run, load_run_model, open_run
+from ..store import layer_dirname
+
+log = logging.getLogger(__name__)
 
 STATIC_FILES = ("index.html", "viewer.js", "viewer.css")
 HEAT_SCALE = 127
 SHEET_MAX_PX = 2048
 PATCH_SHEET_MAX_PX = 2048
 FORMAT = 2
+FALLBACK_INPUT = 224  # side of the plain centre crop used when the model's input geometry is unknown
 
 
 def _static(name: str) -> str:
@@ -88,8 +107,6 @@ class _Writer:
 
     def png(self, rel: str, img: Image.Image) -> None:
         if self.out is None:
-            import io
-
             buf = io.BytesIO()
             img.save(buf, format="PNG", optimize=False)
             self.files[rel] = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -99,47 +116,99 @@ class _Writer:
             img.save(p, format="PNG")
 
 
-class _ImageCache:
-    """Small LRU of geometry-transformed input images (members often share an image)."""
+# ---------------------------------------------------------------------------------------------
+# what an export leaves out: one warning per kind, with a count
 
-    def __init__(self, geometry, size: int = 64):
+_NOTES = {  # kind -> (one thing, several things, what the export does about them)
+    "photo": ("member photo could not be read", "member photos could not be read", "their patches are left out"),
+    "grid": ("level has no grid level", "levels have no grid level",
+             "exported without member patches and class heat"),
+    "cell": ("cell is missing from its grid level", "cells are missing from their grid level",
+             "they get no member patches and zero class heat"),
+    "provenance": ("layer has no provenance for its members", "layers have no provenance for their members",
+                   "exported without member patches"),
+    "heat": ("level has attributions that do not match the class names",
+             "levels have attributions that do not match the class names", "their class heat is left out"),
+}
+
+
+@dataclass
+class _Notes:
+    """What an export had to leave out, by kind: {kind: {what: why}} (the first reason per thing)."""
+
+    items: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def add(self, kind: str, what: str, why: str = "") -> None:
+        self.items.setdefault(kind, {}).setdefault(what, why)
+
+    def warn(self) -> None:
+        """One ``log.warning`` per kind: the count, the first case and what was done."""
+        for kind, got in self.items.items():
+            one, many, done = _NOTES[kind]
+            what, why = next(iter(got.items()))
+            log.warning("%d %s (first: %s%s); %s", len(got), one if len(got) == 1 else many, what,
+                        f": {why}" if why else "", done)
+
+
+class _ImageCache:
+    """Small LRU of geometry-transformed input images (members often share an image); a photo that
+    cannot be read (moved, deleted, corrupt) is noted once and gives None."""
+
+    def __init__(self, geometry: Callable[[Image.Image], Image.Image], notes: _Notes, size: int = 64):
         self.geometry = geometry
+        self.notes = notes
         self.size = size
-        self.cache: OrderedDict[str, Image.Image | None] = OrderedDict()
+        self.cache: OrderedDict[str, Image.Image] = OrderedDict()
+        self.failed: set[str] = set()
 
     def get(self, path: str) -> Image.Image | None:
         if path in self.cache:
             self.cache.move_to_end(path)
             return self.cache[path]
-        from ..data import load_rgb
-
+        if path in self.failed:
+            return None
         try:
             img = self.geometry(load_rgb(path))
-        except Exception:  # a moved/deleted source image: that patch is left out
-            img = None
+        except ImageDecodeError as e:
+            self.failed.add(path)
+            self.notes.add("photo", e.path, e.reason)
+            return None
         self.cache[path] = img
         if len(self.cache) > self.size:
             self.cache.popitem(last=False)
         return img
 
 
-def _geometry_for(run):
-    """The model's input geometry (resize/crop to s x s) or a plain centre square resize."""
+def _centre_crop(s: int) -> Callable[[Image.Image], Image.Image]:
+    def geom(img: Image.Image) -> Image.Image:
+        w, h = img.size
+        m = min(w, h)
+        img = img.crop(((w - m) // 2, (h - m) // 2, (w - m) // 2 + m, (h - m) // 2 + m))
+        return img.resize((s, s), Image.BILINEAR)
+
+    return geom
+
+
+def _input_geometry(run: Run) -> tuple[Callable[[Image.Image], Image.Image], int]:
+    """(geometry, s): the model's input geometry (resize/crop to s x s) from the preprocessing the run
+    recorded, else from the model loaded again; failing both, a plain centre crop to 224 px, with a
+    warning that names the reason."""
+    d = run.summary.get("preprocess")
+    if d is not None:
+        try:
+            pre = Preprocess(**d)
+            return pre.geometry, int(pre.size)
+        except (TypeError, ValueError) as e:  # unknown fields or values: a newer/older format
+            recorded = f"its recorded preprocessing is unusable ({e})"
+    else:
+        recorded = "collect/complete.json records no preprocessing"
     try:
-        from ..pipeline import _load_spec
-
-        pre = _load_spec(run, "cpu").preprocess
+        pre = load_run_model(run, "cpu").preprocess
         return pre.geometry, int(pre.size)
-    except Exception:
-        s = 224
-
-        def geom(img: Image.Image) -> Image.Image:
-            w, h = img.size
-            m = min(w, h)
-            img = img.crop(((w - m) // 2, (h - m) // 2, (w - m) // 2 + m, (h - m) // 2 + m))
-            return img.resize((s, s), Image.BILINEAR)
-
-        return geom, s
+    except (UserError, OSError) as e:  # not reloadable by name, unknown model, weights unavailable
+        log.warning("member patches are cut from a plain %d px centre crop, not the model's input geometry: "
+                    "%s, and its model cannot be loaded (%s)", FALLBACK_INPUT, recorded, e)
+    return _centre_crop(FALLBACK_INPUT), FALLBACK_INPUT
 
 
 def patch_box(y: int, x: int, h: int, w: int, s: int) -> tuple[int, int, int, int]:
@@ -192,184 +261,261 @@ def _write_class_heat(w: _Writer, layer: str, heats: list[tuple[int, np.ndarray,
             "scale": HEAT_SCALE}
 
 
-def _export_level(w: _Writer, atlas_dir: Path, layer: str, lvjson: dict, grid_level, rows, shape,
-                  images: _ImageCache | None, s: int, patches_per_cell: int, patch_size: int,
-                  n_classes: int, heats: list | None = None) -> dict:
-    """Export one level; with attributions, appends ``(G, q, pos, neg)`` (`quantize_heat`) to `heats`."""
-    G = int(lvjson["size"])
-    icon = int(lvjson.get("icon_size") or 0)
-    cells = lvjson["cells"]
-    m = len(cells)
-    base = f"data/{layer}/level-{G}"
-    # ---- icon sprite sheets, one per T x T tile of the grid
-    if icon <= 0 and m:
-        with Image.open(atlas_dir / cells[0]["icon"]) as im:
-            icon = im.size[0]
+# ---------------------------------------------------------------------------------------------
+# one layer, one level
+
+
+@dataclass
+class _LayerExport:
+    """What every level of one layer's export shares."""
+
+    writer: _Writer
+    atlas: Atlas              # the layer's atlas (class names, records)
+    base: str                 # "data/<layer>": where its files go
+    n_classes: int            # classes of the site (class heat needs this many attribution columns)
+    notes: _Notes
+    rows: Rows | None = None  # provenance of the grid levels' member ids; None: no member patches
+    map_hw: tuple[int, int] = (0, 0)   # the layer's map (h, w): patch boxes
+    images: _ImageCache | None = None
+    input_size: int = 0       # the model's input side s (patch boxes are in s x s)
+    patches_per_cell: int = 0
+    patch_size: int = 64
+
+    @property
+    def patches(self) -> bool:
+        return self.images is not None and self.rows is not None and self.patches_per_cell > 0
+
+
+def _icon_sheets(ctx: _LayerExport, level: AtlasLevel) -> tuple[list[dict], np.ndarray, np.ndarray, int]:
+    """Write the level's icons as sprite sheets, one per T x T tile of the grid; returns (sheets,
+    sheet index [m], slot in its sheet [m], T)."""
+    G, icon, m = int(level.size), level.icon_size, len(level.i)
     T = _icon_tile(G, icon)
     tiles: dict[tuple[int, int], list[int]] = {}
-    for c, cell in enumerate(cells):
-        tiles.setdefault((int(cell["i"]) // T, int(cell["j"]) // T), []).append(c)
+    for c, (i, j) in enumerate(zip(np.asarray(level.i).tolist(), np.asarray(level.j).tolist())):
+        tiles.setdefault((i // T, j // T), []).append(c)
+    icons = np.asarray(level.icons, np.uint8)
     sheets, sheet_of, slot_of = [], np.zeros(m, np.int32), np.zeros(m, np.int32)
     for si, ((tx, ty), members) in enumerate(sorted(tiles.items())):
         cols = max(1, math.ceil(math.sqrt(len(members))))
-        nrows = math.ceil(len(members) / cols)
-        sheet = Image.new("RGB", (cols * icon, nrows * icon), (223, 223, 223))
+        sheet = np.full((math.ceil(len(members) / cols) * icon, cols * icon, 3), 223, np.uint8)
         for k, c in enumerate(members):
-            with Image.open(atlas_dir / cells[c]["icon"]) as im:
-                im = im.convert("RGB")
-                if im.size != (icon, icon):
-                    im = im.resize((icon, icon), Image.BILINEAR)
-                sheet.paste(im, ((k % cols) * icon, (k // cols) * icon))
-            sheet_of[c], slot_of[c] = si, k
-        rel = f"{base}/icons-{tx}-{ty}.png"
-        w.png(rel, sheet)
+            r, q = divmod(k, cols)
+            sheet[r * icon:(r + 1) * icon, q * icon:(q + 1) * icon] = icons[c]
+        sheet_of[members], slot_of[members] = si, np.arange(len(members))
+        rel = f"{ctx.base}/level-{G}/icons-{tx}-{ty}.png"
+        ctx.writer.png(rel, Image.fromarray(sheet))
         sheets.append({"url": rel, "cols": cols, "tx": tx, "ty": ty})
-    # ---- member patches
+    return sheets, sheet_of, slot_of, T
+
+
+def _members(grid: GridLevel, q: int) -> list[int]:
+    """Member ids of grid cell q, best first (``closest``) when the level has them."""
+    closest = np.asarray(grid.closest) if grid.closest is not None else None
+    if closest is not None and closest.ndim == 2 and len(closest) > q:
+        return [int(r) for r in closest[q] if r >= 0]
+    o0, o1 = int(grid.member_offsets[q]), int(grid.member_offsets[q + 1])
+    return [int(r) for r in grid.member_rows[o0:o1]]
+
+
+def _cell_patches(ctx: _LayerExport, grid: GridLevel, q: int) -> list[Image.Image]:
+    """Up to `patches_per_cell` patches (patch_size square) of grid cell q's members whose photo reads."""
+    h, w = ctx.map_hw
+    out = []
+    for r in _members(grid, q):
+        if len(out) >= ctx.patches_per_cell:
+            break
+        img = ctx.images.get(str(ctx.rows.path[r]))
+        if img is not None:
+            crop = img.crop(patch_box(int(ctx.rows.y[r]), int(ctx.rows.x[r]), h, w, ctx.input_size))
+            out.append(crop.resize((ctx.patch_size, ctx.patch_size), Image.BILINEAR))
+    return out
+
+
+def _patch_sheets(ctx: _LayerExport, level: AtlasLevel, grid: GridLevel | None) -> tuple[dict | None, np.ndarray]:
+    """Write the member patches of every cell as sprite sheets of fixed capacity; returns (the level's
+    ``patches`` entry or None, patches per cell [m])."""
+    m = len(level.i)
     pcount = np.zeros(m, np.int32)
-    patch_info = None
-    if images is not None and grid_level is not None and patches_per_cell > 0 and m:
-        per_sheet_slots = (PATCH_SHEET_MAX_PX // patch_size) ** 2
-        cells_per_sheet = max(1, per_sheet_slots // patches_per_cell)
-        pcols = max(1, math.ceil(math.sqrt(cells_per_sheet * patches_per_cell)))
-        h, wd = int(shape[1]), int(shape[2])
-        index = {(int(a), int(b)): q for q, (a, b) in enumerate(zip(grid_level.i, grid_level.j))}
-        closest = np.asarray(grid_level.closest) if grid_level.closest is not None else None
-        patch_urls = []
-        for k0 in range(0, m, cells_per_sheet):
-            chunk = range(k0, min(m, k0 + cells_per_sheet))
-            slots_used = (len(chunk) - 1) * patches_per_cell + patches_per_cell
-            prow = math.ceil(slots_used / pcols)
-            sheet = Image.new("RGB", (pcols * patch_size, prow * patch_size), (255, 255, 255))
-            for c in chunk:
-                q = index.get((int(cells[c]["i"]), int(cells[c]["j"])))
-                if q is None:
-                    continue
-                if closest is not None and closest.ndim == 2 and len(closest) > q:
-                    members = [int(r) for r in closest[q] if r >= 0]
-                else:
-                    o0, o1 = int(grid_level.member_offsets[q]), int(grid_level.member_offsets[q + 1])
-                    members = [int(r) for r in grid_level.member_rows[o0:o1]]
-                got = 0
-                for r in members:
-                    if got >= patches_per_cell:
-                        break
-                    img = images.get(str(rows.path[r]))
-                    if img is None:
-                        continue
-                    crop = img.crop(patch_box(int(rows.y[r]), int(rows.x[r]), h, wd, s))
-                    crop = crop.resize((patch_size, patch_size), Image.BILINEAR)
-                    slot = (c - k0) * patches_per_cell + got
-                    sheet.paste(crop, ((slot % pcols) * patch_size, (slot // pcols) * patch_size))
-                    got += 1
-                pcount[c] = got
-            rel = f"{base}/patches-{k0 // cells_per_sheet}.png"
-            w.png(rel, sheet)
-            patch_urls.append(rel)
-        patch_info = {"sheets": patch_urls, "cells_per_sheet": cells_per_sheet, "per_cell": patches_per_cell,
-                      "cols": pcols, "size": patch_size}
-    # ---- cell JSON
+    if not ctx.patches or grid is None or not m:
+        return None, pcount
+    per, ps = ctx.patches_per_cell, ctx.patch_size
+    cells_per_sheet = max(1, (PATCH_SHEET_MAX_PX // ps) ** 2 // per)
+    pcols = max(1, math.ceil(math.sqrt(cells_per_sheet * per)))
+    index = {(a, b): q for q, (a, b) in enumerate(zip(np.asarray(grid.i).tolist(), np.asarray(grid.j).tolist()))}
+    urls = []
+    for k0 in range(0, m, cells_per_sheet):
+        chunk = range(k0, min(m, k0 + cells_per_sheet))
+        sheet = Image.new("RGB", (pcols * ps, math.ceil(len(chunk) * per / pcols) * ps), (255, 255, 255))
+        for c in chunk:
+            q = index.get((int(level.i[c]), int(level.j[c])))
+            if q is None:
+                ctx.notes.add("cell", f"{ctx.atlas.layer} level {level.size} cell ({level.i[c]}, {level.j[c]})")
+                continue
+            crops = _cell_patches(ctx, grid, q)
+            for n, crop in enumerate(crops):
+                slot = (c - k0) * per + n
+                sheet.paste(crop, ((slot % pcols) * ps, (slot // pcols) * ps))
+            pcount[c] = len(crops)
+        rel = f"{ctx.base}/level-{level.size}/patches-{k0 // cells_per_sheet}.png"
+        ctx.writer.png(rel, sheet)
+        urls.append(rel)
+    return {"sheets": urls, "cells_per_sheet": cells_per_sheet, "per_cell": per, "cols": pcols, "size": ps}, pcount
+
+
+def _rounded(x, nd: int = 4):
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else round(float(x), nd)
+
+
+def _cell_columns(records: list[dict]) -> dict:
+    """The level JSON's per-cell columns i, j, n, t, v, f, mf from ``Atlas.records``."""
+    m = len(records)
     t = np.full((m, 5), -1, np.int32)
     v = np.zeros((m, 5), np.float64)
-    for c, cell in enumerate(cells):
-        for q, entry in enumerate((cell.get("top") or [])[:5]):
+    for c, rec in enumerate(records):
+        for q, entry in enumerate((rec.get("top") or [])[:5]):
             t[c, q], v[c, q] = int(entry[0]), float(entry[2])
+    return {"i": [r["i"] for r in records], "j": [r["j"] for r in records], "n": [r["n"] for r in records],
+            "t": t.ravel().tolist(), "v": [float(f"{x:.4g}") for x in v.ravel()],
+            "f": [_rounded(r.get("fidelity")) for r in records],
+            "mf": [_rounded(r.get("member_fidelity")) for r in records]}
 
-    def fl(x, nd=4):
-        return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else round(float(x), nd)
 
-    data = {
-        "layer": layer, "size": G, "icon": icon, "tile": T,
-        "i": [int(c["i"]) for c in cells], "j": [int(c["j"]) for c in cells], "n": [int(c["n"]) for c in cells],
-        "t": t.ravel().tolist(), "v": [float(f"{x:.4g}") for x in v.ravel()],
-        "f": [fl(c.get("fidelity")) for c in cells], "mf": [fl(c.get("member_fidelity")) for c in cells],
-        "s": sheet_of.tolist(), "k": slot_of.tolist(), "pc": pcount.tolist(),
-        "sheets": sheets, "patches": patch_info, "samples": int(sum(int(c["n"]) for c in cells)),
-    }
-    # ---- class heat: the full mean attribution of every class (written per class by _write_class_heat)
-    att = aligned_attributions(grid_level, [int(c["i"]) for c in cells], [int(c["j"]) for c in cells]) \
-        if m else None
-    if att is not None and att.shape[1] == n_classes and heats is not None:
+def _level_heat(ctx: _LayerExport, level: AtlasLevel, grid: GridLevel | None) -> np.ndarray | None:
+    """float32 [m, classes] full mean attributions of the level's cells, or None (no grid level, a run
+    without attributions, or columns that do not match the class names: noted)."""
+    att = aligned_attributions(grid, level.i, level.j) if len(level.i) else None
+    if att is not None and att.shape[1] != ctx.n_classes:
+        ctx.notes.add("heat", f"{ctx.atlas.layer} level {level.size}",
+                      f"{att.shape[1]} attribution columns, {ctx.n_classes} class names")
+        return None
+    return att
+
+
+def _export_level(ctx: _LayerExport, level: AtlasLevel, grid: GridLevel | None, heats: list) -> dict:
+    """Write one level (icons, patches, cell JSON); with attributions, appends ``(G, q, pos, neg)``
+    (`quantize_heat`) to `heats`. Returns the manifest's level entry."""
+    G = int(level.size)
+    sheets, sheet_of, slot_of, T = _icon_sheets(ctx, level)
+    patch_info, pcount = _patch_sheets(ctx, level, grid)
+    cols = _cell_columns(ctx.atlas.records(level))
+    data = {"layer": ctx.atlas.layer, "size": G, "icon": level.icon_size, "tile": T, **cols,
+            "s": sheet_of.tolist(), "k": slot_of.tolist(), "pc": pcount.tolist(),
+            "sheets": sheets, "patches": patch_info, "samples": int(sum(cols["n"]))}
+    att = _level_heat(ctx, level, grid)
+    if att is not None:
         data["w"] = cell_winners(att, 1).tolist()
         data["wn"] = cell_winners(att, -1).tolist()
         heats.append((G, *quantize_heat(att)))
-    w.json(f"{base}.json", data)
-    return {"size": G, "cells": m, "url": f"{base}.json", "icon": icon, "samples": data["samples"]}
+    url = f"{ctx.base}/level-{G}.json"
+    ctx.writer.json(url, data)
+    return {"size": G, "cells": len(level.i), "url": url, "icon": level.icon_size, "samples": data["samples"]}
 
 
-def _provenance(run, layer: str, subset=None):
-    """(Rows, layer map shape [c, h, w]) of `layer`, restricted to run rows `subset` when given, so that
-    a grid whose members index the subset finds its member patches; (None, None) when unavailable."""
-    try:
-        rows = run.rows(layer)
-        shape = run.summary["layer_shapes"][layer]
-    except Exception:
-        return None, None
-    if subset is not None:
-        from ..run import Rows
-
-        idx = np.asarray(subset, np.int64)
-        rows = Rows(**{f: getattr(rows, f)[idx] for f in rows.__dataclass_fields__})
-    return rows, shape
-
-
-def _export_layer(w: _Writer, adir: Path, layer: str, grids: dict, rows, shape, images, s: int,
-                  patches_per_cell: int, patch_size: int, n_classes: int) -> dict:
-    """Export every level of the assembled atlas in `adir` (``atlas.json`` + ``level-<G>.json`` +
-    icons); returns the manifest's entry for the layer (with its largest icon size under "icon")."""
-    meta = json.loads((adir / "atlas.json").read_text())
-    use_images = images if rows is not None and shape is not None and len(shape) == 3 else None
-    levels, heats = [], []
-    for G in meta["levels"]:
-        lvjson = json.loads((adir / f"level-{G}.json").read_text())
-        levels.append(_export_level(w, adir, layer, lvjson, grids.get(int(G)), rows, shape, use_images, s,
-                                    patches_per_cell, patch_size, n_classes, heats))
-    entry = {"name": layer, "levels": levels, "total_samples": max([lv["samples"] for lv in levels] or [0]),
+def _export_layer(ctx: _LayerExport, grids: dict[int, GridLevel]) -> dict:
+    """Export every level of `ctx.atlas`; returns the manifest's entry for the layer (with its largest
+    icon size under "icon")."""
+    heats: list = []
+    levels = [_export_level(ctx, lv, grids.get(int(lv.size)), heats) for lv in ctx.atlas.levels]
+    entry = {"name": ctx.atlas.layer, "levels": levels,
+             "total_samples": max([lv["samples"] for lv in levels] or [0]),
              "icon": max([lv["icon"] for lv in levels] or [0])}
-    class_heat = _write_class_heat(w, layer, heats, n_classes)
+    class_heat = _write_class_heat(ctx.writer, layer_dirname(ctx.atlas.layer), heats, ctx.n_classes)
     if class_heat is not None:
         entry["class_heat"] = class_heat
     return entry
 
 
-def _build(run_dir: Path, w: _Writer, layers, patches_per_cell: int, patch_size: int) -> dict:
-    from ..grid import load_grid
-    from ..run import open_run
+# ---------------------------------------------------------------------------------------------
+# the inputs of a layer: grid levels and provenance
 
-    atlas_root = run_dir / "atlas"
-    if not atlas_root.is_dir():
-        raise UserError(f"{run_dir} has no atlas/ (run 'actatlas build' or 'actatlas render' first)")
-    run = open_run(run_dir)
-    avail = [ly for ly in run.layers if (atlas_root / ly / "atlas.json").is_file()]
-    if not avail:  # layer names may have been sanitised for the directory
-        avail = sorted(p.parent.name for p in atlas_root.glob("*/atlas.json"))
-    if layers:
-        missing = [ly for ly in layers if ly not in avail]
-        if missing:
-            raise UserError(f"no atlas for layer(s) {', '.join(missing)} in {run_dir}; have: {', '.join(avail)}")
-        avail = list(layers)
-    if not avail:
-        raise UserError(f"{run_dir}/atlas holds no atlas.json")
-    geometry, s = _geometry_for(run) if patches_per_cell > 0 else (None, 0)
-    images = _ImageCache(geometry) if geometry is not None else None
-    class_names = list(run.class_names)
-    out_layers = []
-    icon_size = 0
-    for layer in avail:
+
+def _grid_levels(atlas: Atlas, run: Run | None, from_run: bool, notes: _Notes) -> dict[int, GridLevel]:
+    """{G: GridLevel} of the atlas's levels: ``level.grid`` when present, else (with `from_run`) the
+    run's ``grid/<layer>/level-<G>.npz``; levels without one are noted."""
+    grids = {int(lv.size): lv.grid for lv in atlas.levels if lv.grid is not None}
+    missing = [int(lv.size) for lv in atlas.levels if int(lv.size) not in grids]
+    if not missing:
+        return grids
+    why = "not given"
+    if from_run and run is not None:
+        why = f"not in {run.path / 'grid'}"
         try:
-            grids = {int(g.size): g for g in load_grid(run_dir / "grid", layer)}
-        except Exception:
-            grids = {}
-        entry = _export_layer(w, atlas_root / layer, layer, grids, *_provenance(run, layer), images, s,
-                              patches_per_cell, patch_size, len(class_names))
-        icon_size = max(icon_size, entry["icon"])
-        out_layers.append(entry)
-    cfg = run.config
-    rows_per_layer = run.summary.get("rows")
-    total = (int(rows_per_layer.get(avail[0], 0)) if isinstance(rows_per_layer, dict) else 0) or \
-        max(ly["total_samples"] for ly in out_layers)
-    manifest = {"format": FORMAT, "title": f"Activation atlas: {cfg.get('model', '')}",
-                "model": cfg.get("model"), "layers": out_layers, "class_names": class_names,
-                "icon_size": icon_size, "total_samples": total}
+            grids.update({int(g.size): g for g in load_grid(run.path / "grid", atlas.layer) if int(g.size) in missing})
+        except UserError as e:  # no grid folder for the layer
+            why = str(e)
+    for G in missing:
+        if G not in grids:
+            notes.add("grid", f"{atlas.layer} level {G}", why)
+    return grids
+
+
+def _provenance(run: Run | None, layer: str, subset_rows=None) -> tuple[Rows | None, tuple[int, int], str]:
+    """(rows, layer map (h, w), "") of `layer`, restricted to run rows `subset_rows` when given (the
+    ids a grid level's members use); (None, (0, 0), why) when there is none."""
+    if run is None:
+        return None, (0, 0), "the atlas has no run"
+    try:
+        rows = run.rows(layer)
+    except UserError as e:  # not collected in this run
+        return None, (0, 0), str(e)
+    except FileNotFoundError as e:  # collect/<layer>/rows.parquet missing
+        return None, (0, 0), f"its rows' provenance is missing ({e})"
+    shape = run.summary.get("layer_shapes", {}).get(layer)
+    if shape is None:
+        return None, (0, 0), "collect/complete.json records no map shape for it"
+    if len(shape) != 3:
+        return None, (0, 0), f"its output has no spatial map (shape {list(shape)})"
+    if subset_rows is not None:
+        idx = np.asarray(subset_rows, np.int64)
+        rows = Rows(**{f.name: getattr(rows, f.name)[idx] for f in dataclasses.fields(Rows)})
+    return rows, (int(shape[1]), int(shape[2])), ""
+
+
+# ---------------------------------------------------------------------------------------------
+# the core: atlases -> site files
+
+
+@dataclass
+class _Settings:
+    run: Run | None
+    class_names: list[str]
+    title: str | None = None
+    subset_rows: np.ndarray | None = None
+    grids_from_run: bool = True
+    patches_per_cell: int = 8
+    patch_size: int = 64
+
+
+def _build(w: _Writer, atlases: Sequence[Atlas], opt: _Settings) -> dict:
+    """Write every atlas (one layer each) and the manifest through `w`; warns about what it left out."""
+    notes = _Notes()
+    geometry: list = []  # (geometry, s), found once when the first layer has provenance
+
+    layers = []
+    for atlas in atlases:
+        ctx = _LayerExport(w, atlas, f"data/{layer_dirname(atlas.layer)}", len(opt.class_names), notes,
+                           patches_per_cell=max(0, int(opt.patches_per_cell)), patch_size=int(opt.patch_size))
+        if ctx.patches_per_cell > 0:
+            rows, hw, why = _provenance(opt.run, atlas.layer, opt.subset_rows)
+            if rows is None:
+                notes.add("provenance", atlas.layer, why)
+            else:
+                if not geometry:
+                    geometry.append(_input_geometry(opt.run))
+                geom, s = geometry[0]
+                ctx = dataclasses.replace(ctx, rows=rows, map_hw=hw, images=_ImageCache(geom, notes), input_size=s)
+        layers.append(_export_layer(ctx, _grid_levels(atlas, opt.run, opt.grids_from_run, notes)))
+    notes.warn()
+    cfg = opt.run.config if opt.run is not None else {}
+    total = max(ly["total_samples"] for ly in layers)
+    own_layout = opt.run is not None and opt.subset_rows is None and opt.grids_from_run
+    rows_per_layer = opt.run.summary.get("rows") if own_layout else None  # else: the atlas's own count
+    if isinstance(rows_per_layer, dict):
+        total = int(rows_per_layer.get(atlases[0].layer, 0)) or total
+    manifest = {"format": FORMAT, "title": opt.title or f"Activation atlas: {cfg.get('model', '')}",
+                "model": cfg.get("model"), "layers": layers, "class_names": opt.class_names,
+                "icon_size": max(ly["icon"] for ly in layers), "total_samples": total}
     w.json("manifest.json", manifest)
     return manifest
 
@@ -378,14 +524,6 @@ def _script_json(obj) -> str:
     """JSON safe to embed inside a <script> element."""
     return (json.dumps(obj, separators=(",", ":")).replace("<", "\\u003c").replace(">", "\\u003e")
             .replace("&", "\\u0026").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
-
-
-def single_file_html(run_dir: str | os.PathLike, layers=None, patches_per_cell: int = 8,
-                     patch_size: int = 64) -> str:
-    """The whole viewer with every file inlined (data: URIs / embedded JSON) as one HTML string."""
-    w = _Writer(None)
-    _build(Path(run_dir), w, layers, patches_per_cell, patch_size)
-    return _inline(w)
 
 
 def _inline(w: _Writer) -> str:
@@ -400,6 +538,100 @@ def _inline(w: _Writer) -> str:
     return page
 
 
+def _check_patch_size(patch_size: int) -> None:
+    if patch_size < 8 or patch_size > 512:
+        raise ConfigError("patch_size must be in [8, 512]")
+
+
+def _settings(atlases: Sequence[Atlas], run, **kw) -> _Settings:
+    """The export's settings; `run` is a `Run`, a run directory, or None for the atlases' own run_dir."""
+    if not atlases:
+        raise ConfigError("no atlas to export")
+    _check_patch_size(kw.get("patch_size", 64))
+    if run is None:
+        run = next((a.run_dir for a in atlases if a.run_dir is not None), None)
+    if run is not None and not isinstance(run, Run):
+        run = open_run(run)
+    names = list(run.class_names) if run is not None else list(atlases[0].class_names)
+    return _Settings(run, names, **kw)
+
+
+def export_atlases(atlases: Sequence[Atlas], out: str | os.PathLike, *, run: Run | str | os.PathLike | None = None,
+                   single_file: bool = False, title: str | None = None, subset_rows=None,
+                   grids_from_run: bool = True, patches_per_cell: int = 8, patch_size: int = 64) -> Path:
+    """Export `Atlas` objects (one per layer) as the viewer; returns the index.html path.
+
+    Args:
+        atlases: the atlases, one layer each, in the order the viewer lists them.
+        out: the site folder (created; files of a previous export are replaced).
+        run: the run they were made from (a `Run` or its directory; default: the atlases' ``run_dir``):
+            class names, provenance of the members (real image patches), the model's input geometry
+            and the grid levels that ``level.grid`` does not hold. None and no ``run_dir``: the
+            atlases' own class names, no patches, class heat only from ``level.grid``.
+        single_file: one self-contained ``index.html`` (opens from file://) instead of a folder.
+        title: the page title (default ``"Activation atlas: <model>"``).
+        subset_rows: [n] int64 run rows that the grid levels' member ids index (an atlas laid out over
+            this subset of the run); None when they are run rows already.
+        grids_from_run: read the run's ``grid/<layer>/`` for levels without ``level.grid`` (False for an
+            atlas whose layout is not the run's: a class atlas, a comparison).
+        patches_per_cell: real image patches kept per cell (the ``closest`` members); 0: none.
+        patch_size: side of a patch in pixels, in [8, 512].
+    """
+    opt = _settings(atlases, run, title=title, subset_rows=subset_rows, grids_from_run=grids_from_run,
+                    patches_per_cell=patches_per_cell, patch_size=patch_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    index = out / "index.html"
+    if single_file:
+        w = _Writer(None)
+        _build(w, atlases, opt)
+        index.write_text(_inline(w), encoding="utf-8")
+        return index
+    if (out / "data").is_dir():
+        shutil.rmtree(out / "data")
+    _build(_Writer(out), atlases, opt)
+    for name in STATIC_FILES:
+        (out / name).write_text(_static(name), encoding="utf-8")
+    return index
+
+
+def _open_atlases(run: Run, layers=None) -> list[Atlas]:
+    """The assembled atlases of `run` (``RUN/atlas/<layer>/``), in the run's layer order, or those of
+    `layers` (labels or folder names) in that order."""
+    root = run.path / "atlas"
+    if not root.is_dir():
+        raise RunStateError(f"{run.path} has no atlas/ (run 'actatlas build' or 'actatlas render' first)")
+    found: dict[str, Path] = {}
+    for d in sorted(p for p in root.iterdir() if (p / "atlas.json").is_file()):
+        found[json.loads((d / "atlas.json").read_text())["layer"]] = d
+    order = {ly: k for k, ly in enumerate(run.layers)}
+    avail = sorted(found, key=lambda ly: (order.get(ly, len(order)), ly))
+    if layers:
+        by_name = {**{d.name: ly for ly, d in found.items()}, **{ly: ly for ly in found}}
+        missing = [ly for ly in layers if ly not in by_name]
+        if missing:
+            raise UserError(f"no atlas for layer(s) {', '.join(missing)} in {run.path}; have: {', '.join(avail)}")
+        avail = [by_name[ly] for ly in layers]
+    if not avail:
+        raise RunStateError(f"{root} holds no atlas.json")
+    return [Atlas.load(found[ly]) for ly in avail]
+
+
+def single_file_html(run_dir: str | os.PathLike, layers=None, patches_per_cell: int = 8,
+                     patch_size: int = 64) -> str:
+    """The whole viewer of a run's atlases with every file inlined (data: URIs / embedded JSON) as one
+    HTML string."""
+    run = open_run(run_dir)
+    atlases = _open_atlases(run, layers)
+    return _page(atlases, _settings(atlases, run, patches_per_cell=patches_per_cell, patch_size=patch_size))
+
+
+def _page(atlases: Sequence[Atlas], opt: _Settings) -> str:
+    w = _Writer(None)
+    _build(w, atlases, opt)
+    return _inline(w)
+
+
 def export_site(run_dir: str | os.PathLike, out_dir: str | os.PathLike, single_file: bool = False,
                 layers=None, patches_per_cell: int = 8, patch_size: int = 64) -> Path:
     """Export the atlas of a run as a static site; returns the index.html path.
@@ -412,74 +644,96 @@ def export_site(run_dir: str | os.PathLike, out_dir: str | os.PathLike, single_f
         patches_per_cell: real image patches kept per cell (the ``closest`` members).
         patch_size: side of a patch in pixels.
     """
-    run_dir, out = Path(run_dir), Path(out_dir)
-    if patch_size < 8 or patch_size > 512:
-        raise UserError("patch_size must be in [8, 512]")
-    out.mkdir(parents=True, exist_ok=True)
-    if single_file:
-        index = out / "index.html"
-        index.write_text(single_file_html(run_dir, layers, patches_per_cell, patch_size), encoding="utf-8")
-        return index
-    if (out / "data").is_dir():
-        shutil.rmtree(out / "data")
-    _build(run_dir, _Writer(out), layers, patches_per_cell, patch_size)
-    for name in STATIC_FILES:
-        (out / name).write_text(_static(name), encoding="utf-8")
-    return out / "index.html"
+    _check_patch_size(patch_size)
+    run = open_run(run_dir)
+    return export_atlases(_open_atlases(run, layers), out_dir, run=run, single_file=single_file,
+                          patches_per_cell=patches_per_cell, patch_size=patch_size)
 
 
-def export_atlas(atlas_dir: str | os.PathLike, out_dir: str | os.PathLike, run_dir: str | os.PathLike, *,
+def export_atlas(atlas: Atlas | str | os.PathLike, out_dir: str | os.PathLike, run_dir: str | os.PathLike, *,
                  grid_levels=(), subset_rows=None, title: str | None = None, single_file: bool = True,
                  patches_per_cell: int = 8, patch_size: int = 64) -> Path:
-    """Export one assembled atlas that lives outside ``RUN/atlas/`` (a class atlas, a two-class
-    comparison: anything written by ``Atlas.save``) as the viewer; returns the index.html path.
+    """Export one atlas whose layout is not the run's (a class atlas, a two-class comparison: anything
+    written by ``Atlas.save`` outside ``RUN/atlas/``) as the viewer; returns the index.html path.
 
     Args:
-        atlas_dir: the folder ``Atlas.save`` wrote (``atlas.json``, ``level-<G>.json``, icons).
+        atlas: the `Atlas`, or the folder ``Atlas.save`` wrote (``atlas.json``, ``level-<G>.npz``, ...).
         out_dir: where the viewer goes (``index.html``, plus data files unless `single_file`).
         run_dir: the run the atlas was made from (class names, provenance for member patches).
-        grid_levels: the ``GridLevel`` of each level (members and mean attributions: patches and the
-            class heatmap); levels without one are exported without them.
+        grid_levels: the ``GridLevel`` of each level that ``level.grid`` does not hold (members and mean
+            attributions: patches and the class heatmap); levels without one are exported without them
+            (never with the run's own grid, which belongs to another layout).
         subset_rows: [n] int64 run rows that the grid levels' member ids index (the atlas was laid out
             over this subset of the run); None when they are run rows already.
         title: the page title.
         single_file: one self-contained ``index.html`` (default) or a site folder.
         patches_per_cell, patch_size: real image patches per cell and their side in pixels.
     """
-    from ..run import open_run
+    if not isinstance(atlas, Atlas):
+        adir = Path(atlas)
+        if not (adir / "atlas.json").is_file():
+            raise RunStateError(f"{adir} holds no assembled atlas (atlas.json missing)")
+        atlas = Atlas.load(adir)
+    given = {int(g.size): g for g in grid_levels}
+    levels = [dataclasses.replace(lv, grid=given[int(lv.size)]) if lv.grid is None and int(lv.size) in given
+              else lv for lv in atlas.levels]
+    atlas = dataclasses.replace(atlas, levels=levels)
+    return export_atlases([atlas], out_dir, run=run_dir, single_file=single_file, title=title,
+                          subset_rows=subset_rows, grids_from_run=False, patches_per_cell=patches_per_cell,
+                          patch_size=patch_size)
 
-    adir, out = Path(atlas_dir), Path(out_dir)
-    if not (adir / "atlas.json").is_file():
-        raise UserError(f"{adir} holds no assembled atlas (atlas.json missing)")
-    if patch_size < 8 or patch_size > 512:
-        raise UserError("patch_size must be in [8, 512]")
-    run = open_run(run_dir)
-    layer = json.loads((adir / "atlas.json").read_text())["layer"]
-    class_names = list(run.class_names)
-    geometry, s = _geometry_for(run) if patches_per_cell > 0 else (None, 0)
-    images = _ImageCache(geometry) if geometry is not None else None
-    out.mkdir(parents=True, exist_ok=True)
-    if not single_file and (out / "data").is_dir():
-        shutil.rmtree(out / "data")
-    w = _Writer(None if single_file else out)
-    entry = _export_layer(w, adir, layer, {int(g.size): g for g in grid_levels},
-                          *_provenance(run, layer, subset_rows), images, s, patches_per_cell, patch_size,
-                          len(class_names))
-    cfg = run.config
-    w.json("manifest.json", {"format": FORMAT, "title": title or f"Activation atlas: {cfg.get('model', '')}",
-                             "model": cfg.get("model"), "layers": [entry], "class_names": class_names,
-                             "icon_size": entry["icon"], "total_samples": entry["total_samples"]})
-    index = out / "index.html"
-    if single_file:
-        index.write_text(_inline(w), encoding="utf-8")
-    else:
-        for name in STATIC_FILES:
-            (out / name).write_text(_static(name), encoding="utf-8")
-    return index
+
+# ---------------------------------------------------------------------------------------------
+# Jupyter
+
+
+def _iframe(page: str, height: int) -> str:
+    return (f'<iframe srcdoc="{html.escape(page, quote=True)}" style="width:100%;height:{int(height)}px;'
+            f'border:1px solid #ccc" sandbox="allow-scripts" title="activation atlas"></iframe>')
 
 
 def notebook_html(run_dir: str | os.PathLike, layer: str | None = None, height: int = 640) -> str:
-    """The single-file viewer inside an ``<iframe srcdoc=...>`` for Jupyter's ``_repr_html_``."""
-    page = single_file_html(run_dir, [layer] if layer else None)
-    return (f'<iframe srcdoc="{html.escape(page, quote=True)}" style="width:100%;height:{int(height)}px;'
-            f'border:1px solid #ccc" sandbox="allow-scripts" title="activation atlas"></iframe>')
+    """The single-file viewer of a run inside an ``<iframe srcdoc=...>`` (Jupyter's ``_repr_html_``)."""
+    return _iframe(single_file_html(run_dir, [layer] if layer else None), height)
+
+
+def _canvas_html(atlas: Atlas) -> str:
+    """The coarsest canvas of `atlas` as an inline PNG (an atlas without a run)."""
+    if not atlas.levels:
+        return f"<p>activation atlas of {html.escape(atlas.layer)}: no levels</p>"
+    buf = io.BytesIO()
+    Image.fromarray(atlas.levels[0].canvas()).save(buf, format="PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode("ascii")
+    return (f'<figure><img src="data:image/png;base64,{b64}" style="max-width:100%" alt="activation atlas">'
+            f'<figcaption>{html.escape(atlas.layer)}, level {atlas.levels[0].size} (no run: the interactive '
+            f'viewer needs the run the atlas came from)</figcaption></figure>')
+
+
+@dataclass
+class AtlasView:
+    """What ``actatlas.show(atlas)`` returns: Jupyter displays it as the interactive viewer (the
+    single-file export of this atlas inside an iframe), or as the coarsest canvas when the atlas
+    has no run (``run_dir``) to read class names, patches and grid levels from."""
+
+    atlas: Atlas
+    height: int = 640
+
+    @property
+    def has_run(self) -> bool:
+        rd = self.atlas.run_dir
+        return rd is not None and (Path(rd) / "collect" / "complete.json").is_file()
+
+    def _repr_html_(self) -> str:
+        if not self.has_run:
+            return _canvas_html(self.atlas)
+        return _iframe(_page([self.atlas], _settings([self.atlas], self.atlas.run_dir)), self.height)
+
+    def __repr__(self) -> str:
+        return f"AtlasView({self.atlas.layer!r}, levels={[lv.size for lv in self.atlas.levels]})"
+
+
+def show(atlas: Atlas, height: int = 640) -> AtlasView:
+    """The interactive viewer of `atlas` in Jupyter (``aa.show(atlas)`` as a cell's last line): the
+    same page as ``actatlas export --single-file``, inside an iframe `height` pixels high. An atlas
+    without a run shows its coarsest canvas."""
+    return AtlasView(atlas, height)
