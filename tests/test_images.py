@@ -440,7 +440,7 @@ def test_patch_16_bit_grey_loads_like_collect(tmp_path, capsys):
     import json
 
     from actatlas.cli import main
-    from actatlas.cli_patches import _open_patch
+    from actatlas.cli.patches import _open_patch
 
     path, want = _grey16_gradient(tmp_path / "grey16.png")
     name, img, info = _open_patch(str(path), None, None)
@@ -707,3 +707,49 @@ def test_draft_model_input_matches_full_decode_real_photos():
     diffs = _input_diff(paths, pre)
     assert max(diffs) < 3.0, max(diffs)
     assert float(np.mean(diffs)) < 1.0, float(np.mean(diffs))
+
+
+def _resize_then_crop(pre, img: Image.Image) -> np.ndarray:
+    """The reference geometry: resize the whole image (short side to the resize target), then crop."""
+    from actatlas.models.spec import _INTERP
+
+    interp, short = _INTERP[pre.interpolation], pre.resize or pre.size
+    w, h = img.size
+    nw, nh = (short, max(1, round(h * short / w))) if w <= h else (max(1, round(w * short / h)), short)
+    left, top = (nw - pre.size) // 2, (nh - pre.size) // 2
+    return np.asarray(img.resize((nw, nh), interp).crop((left, top, left + pre.size, top + pre.size)))
+
+
+def test_geometry_resizes_only_the_crop_like_resize_then_crop():
+    """geometry resizes just the crop's box of the source: the same pixels as resizing everything and
+    cropping, up to 8-bit rounding between PIL's two passes."""
+    from actatlas.models.spec import Preprocess
+
+    img = _textured(900, 700, seed=4)
+    for pre in (Preprocess(), Preprocess(size=224, resize=256, interpolation="bilinear"),
+                Preprocess(size=224, resize=None, interpolation="lanczos"), Preprocess(size=32, resize=36)):
+        for w, h in ((900, 700), (700, 900), (333, 500), (517, 389), (256, 300), (1000, 241)):
+            src = img.resize((w, h), Image.Resampling.BILINEAR)
+            got = np.asarray(pre.geometry(src)).astype(np.int16)
+            want = _resize_then_crop(pre, src).astype(np.int16)
+            assert got.shape == want.shape == (pre.size, pre.size, 3)
+            d = np.abs(got - want)
+            assert d.mean() < 0.5 and np.mean(d > 2) < 0.01, (pre, (w, h), d.mean(), d.max())
+    pre = Preprocess()
+    same = img.crop((0, 0, 256, 300))  # already at the target: crop only, exactly
+    np.testing.assert_array_equal(np.asarray(pre.geometry(same)), np.asarray(same)[38:262, 16:240])
+    small = img.resize((100, 150))  # resize 256 < size 300: resized up, then cropped, as before
+    assert Preprocess(size=300, resize=256).geometry(small).size == (300, 300)
+
+
+@pytest.mark.skipif(not SAMPLE_PHOTOS.is_dir(), reason=f"real ImageNet sample photos not found at {SAMPLE_PHOTOS}")
+def test_geometry_matches_resize_then_crop_on_real_photos():
+    from actatlas.models.spec import Preprocess
+
+    pre = Preprocess()
+    means = []
+    for p in sorted(SAMPLE_PHOTOS.glob("*.JPEG"))[::5]:
+        img = load_rgb(p)
+        d = np.abs(np.asarray(pre.geometry(img)).astype(np.int16) - _resize_then_crop(pre, img).astype(np.int16))
+        means.append(float(d.mean()))
+    assert float(np.mean(means)) < 0.1 and max(means) < 1.0, (float(np.mean(means)), max(means))

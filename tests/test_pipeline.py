@@ -183,3 +183,14 @@ def test_runtime_precedence_collect_config_device_is_kept(tmp_path, monkeypatch)
     tiny_build(tmp_path / "c", collect=aa.CollectConfig(per_image=2, threads=1), levels=(2,),
                runtime=aa.Runtime(progress=False, threads=2, numba_cache=False))
     assert seen[-1].threads == 2
+
+
+def test_save_site_and_show_from_the_built_atlas(built, tmp_path):
+    index = aa.save_site(built, tmp_path / "site")
+    manifest = json.loads((tmp_path / "site" / "manifest.json").read_text())
+    assert index == tmp_path / "site" / "index.html" and index.is_file()
+    assert [lv["size"] for lv in manifest["layers"][0]["levels"]] == [2, 4]
+    single = aa.save_site(built, tmp_path / "one", single_file=True)
+    assert single.read_text().count("atlas-bundle") >= 1 and not (tmp_path / "one" / "manifest.json").exists()
+    view = aa.show(built)
+    assert isinstance(view, aa.AtlasView) and "<iframe" in view._repr_html_()

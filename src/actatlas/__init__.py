@@ -5,7 +5,7 @@ Quick start::
     import actatlas as aa
     atlas = aa.build_atlas("photos/", out="runs/demo", levels=(10, 20),
                            render=aa.RenderConfig.cpu_default(steps=64))
-    atlas.save_site("runs/demo/site")           # then: actatlas serve runs/demo/site
+    aa.save_site(atlas, "runs/demo/site")       # the viewer as a static site; then: actatlas serve runs/demo/site
     aa.show(atlas)                              # in Jupyter: the interactive viewer
 
     aa.build_atlas(out="runs/demo", levels=(10, 20, 40))   # continue the same run, one more level
@@ -29,10 +29,11 @@ from .layout import LayoutConfig  # noqa: E402
 from .render import RenderConfig  # noqa: E402
 from .atlas import Atlas, open_atlas  # noqa: E402
 from .pipeline import BuildReport, build_atlas  # noqa: E402
-# from .export import show  # noqa: E402  (TEMP until export.show lands)
+from .export import AtlasView, export_atlases, export_site, save_site, show  # noqa: E402
 
 __all__ = [
-    "__version__", "build_atlas", "BuildReport", "Atlas", "open_atlas", "show", "LayoutConfig", "RenderConfig",
+    "__version__", "build_atlas", "BuildReport", "Atlas", "open_atlas", "show", "AtlasView", "save_site",
+    "export_site", "export_atlases", "LayoutConfig", "RenderConfig",
     "CollectConfig", "Runtime", "enable_numba_cache", "collect", "CollectResult", "open_run", "Run", "Rows",
     "load_model", "list_models", "ModelSpec", "Preprocess", "images", "ImageSource", "capture", "list_layers",
     "evaluate", "EvalResult", "UserError", "ActatlasError", "ConfigError", "DataError", "ModelError",

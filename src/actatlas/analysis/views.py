@@ -47,7 +47,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..atlas import Atlas, AtlasLevel
 from ..errors import ConfigError, UserError
 from ..export.site import export_atlas
-from ..grid import load_grid, save_grid
+from ..grid import level_to_records, load_grid, save_grid
 from ..layout import load_layout, save_layout
 from ..models.spec import resolve_class
 from ..pipeline import best_member_fidelity, check_layer, load_run_model, run_whiten
@@ -212,8 +212,6 @@ def _atlas_level(level, images, fidelity, member) -> AtlasLevel:
 def _cell_records(alv: AtlasLevel, class_names: list[str], rows: np.ndarray, level) -> list[dict]:
     """One dict per kept cell (see the module docstring); rows: [n] run rows the level's members index.
     ``grid.level_to_records`` builds the common fields; a cell adds its index, icon path and run rows."""
-    from ..grid import level_to_records  # TODO(lead): move into the module's `from ..grid import` line
-
     recs = level_to_records(alv, class_names, None, digits=6, unknown_name=True)
     fid = np.asarray(alv.fidelity, np.float64).tolist()
     member = np.asarray(alv.member_fidelity, np.float64).tolist()

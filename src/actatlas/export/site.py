@@ -732,6 +732,16 @@ class AtlasView:
         return f"AtlasView({self.atlas.layer!r}, levels={[lv.size for lv in self.atlas.levels]})"
 
 
+def save_site(atlas: Atlas, path: str | os.PathLike, *, single_file: bool = False, patches_per_cell: int = 8,
+              patch_size: int = 64) -> Path:
+    """Write the viewer of `atlas` (``aa.build_atlas``'s result, or ``aa.open_atlas``) as a static site in
+    folder `path` (``single_file``: one self-contained ``index.html``); returns the index.html path.
+    Serve a folder with ``actatlas serve PATH``. (A function, like `show`, not an ``Atlas`` method:
+    the atlas module stays below the export.)"""
+    return export_atlases([atlas], path, single_file=single_file, patches_per_cell=patches_per_cell,
+                          patch_size=patch_size)
+
+
 def show(atlas: Atlas, height: int = 640) -> AtlasView:
     """The interactive viewer of `atlas` in Jupyter (``aa.show(atlas)`` as a cell's last line): the
     same page as ``actatlas export --single-file``, inside an iframe `height` pixels high. An atlas
