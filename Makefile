@@ -30,8 +30,9 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
+# The tests not marked slow (no UMAP, no real model, no Ray, no CLI subprocesses), on both cores.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile tests
 
 # Benchmarks for BENCHMARKS.md (about 15-25 minutes on a 2-core CPU; results also in bench-out/).
 bench: install

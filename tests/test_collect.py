@@ -230,6 +230,7 @@ def _wait_for(pred, timeout=120.0):
     return False
 
 
+@pytest.mark.slow  # real subprocesses of the CLI
 def test_resume_after_sigkill_gives_identical_rows(tmp_path):
     folder = make_folder(tmp_path / "imgs", 24)
     full = cli(*_collect_args(folder, tmp_path / "full"))
@@ -258,6 +259,7 @@ def test_resume_after_sigkill_gives_identical_rows(tmp_path):
         assert len(a.activations(layer)) == 48
 
 
+@pytest.mark.slow  # real subprocesses of the CLI
 def test_second_concurrent_collect_is_refused(tmp_path):
     folder = make_folder(tmp_path / "imgs", 24)
     out = tmp_path / "run"
@@ -286,15 +288,19 @@ def test_second_concurrent_collect_is_refused(tmp_path):
     (["collect", "--model", "tinymodels:tiny_cnn", "--images", "sample:2", "--out", "{tmp}/r", "--batch-size", "0"],
      "batch-size"),
 ])
-def test_cli_user_errors(tmp_path, args, needle):
+def test_cli_user_errors(tmp_path, capsys, args, needle):
+    from actatlas.cli import main
+
     (tmp_path / "empty").mkdir()
-    res = cli(*[a.format(tmp=tmp_path) for a in args])
-    assert res.returncode == 2
-    assert "Traceback" not in res.stderr
-    assert needle in res.stderr
-    assert res.stderr.strip().count("\n") == 0, res.stderr
+    rc = main([a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "Traceback" not in err
+    assert needle in err
+    assert err.strip().count("\n") == 0, err
 
 
+@pytest.mark.slow  # real subprocesses of the CLI
 def test_cli_collect_json_and_layers(tmp_path):
     res = cli("collect", "--model", "tinymodels:tiny_cnn", "--images", "sample:6", "--out", str(tmp_path / "r"),
               "--json", "-q")
@@ -313,6 +319,7 @@ def test_cli_collect_json_and_layers(tmp_path):
 # smooth max-pool gradient relaxation in collection (method.md §1.3, §7.A3 last bullet)
 
 
+@pytest.mark.slow  # the InceptionV1 architecture
 def test_smooth_maxpool_changes_attributions_only_through_maxpools(tmp_path):
     """InceptionV1 (random init): mixed5b -> logits has no max-pool, so its attributions are identical
     with and without the relaxation; mixed4c's path has max-pools (mixed4d/4e pool branches, maxpool10),
@@ -334,6 +341,7 @@ def test_smooth_maxpool_changes_attributions_only_through_maxpools(tmp_path):
     assert d.max() > 1e-3 * np.abs(np.asarray(a.attributions("mixed4c"), np.float32)).max()
 
 
+@pytest.mark.slow  # the InceptionV1 architecture
 def test_model_labels_option(tmp_path):
     """--labels names InceptionV1's logits; models without such an option refuse it clearly."""
     names, wnids = aa.models.imagenet_classes()

@@ -20,6 +20,8 @@ from PIL import Image
 
 TESTS = Path(__file__).resolve().parent
 
+pytestmark = pytest.mark.slow  # collects 2,000 images in subprocesses
+
 CHILD = r"""
 import json, sys
 import numpy as np

@@ -127,6 +127,7 @@ def test_canvas_orientation_x_right_y_up():
     assert (canvas[0:2, 0:2] == 255).all()     # empty cell stays white
 
 
+@pytest.mark.slow  # a real subprocess of the CLI, UMAP
 def test_cli_build_json(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "actatlas.cli", "build", "--model", "tinymodels:tiny_cnn", "--images", "sample:64",

@@ -15,6 +15,8 @@ import actatlas as aa
 from actatlas.render import RenderConfig
 from test_collect import make_folder
 
+pytestmark = pytest.mark.slow  # starts Ray (~7 s) and its workers
+
 TESTS = Path(__file__).resolve().parent
 
 try:
