@@ -23,6 +23,23 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".cache" / "numba"))
 
 import actatlas as aa  # noqa: E402
 
+# ---- real Chromium (Debian's, driven by Playwright; never `playwright install`)
+CHROMIUM = "/usr/bin/chromium"
+CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update"]
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # pragma: no cover - depends on the environment
+    sync_playwright = None
+HAVE_BROWSER = sync_playwright is not None and Path(CHROMIUM).is_file()
+if not HAVE_BROWSER and os.environ.get("ACTATLAS_REQUIRE_BROWSER"):
+    raise RuntimeError("ACTATLAS_REQUIRE_BROWSER is set (CI) but playwright or /usr/bin/chromium is missing; "
+                       "install requirements-test.txt and 'apt-get install -y chromium'")
+needs_browser = pytest.mark.skipif(
+    not HAVE_BROWSER,
+    reason="browser tests need playwright (pip install playwright) and Debian's chromium at /usr/bin/chromium "
+           "(apt-get install -y chromium); 'playwright install' is not used")
+
 FAST_RENDER = dict(steps=8, attempts=1, icon_size=24, batch_size=8, transforms="recipe")
 
 
@@ -51,3 +68,14 @@ def build_tiny():
 def tiny_run(tmp_path_factory) -> aa.Atlas:
     """One tiny atlas (see `tiny_build`), shared by the session: copy its run before changing it."""
     return tiny_build(tmp_path_factory.mktemp("tiny") / "run")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the session."""
+    if not HAVE_BROWSER:
+        pytest.skip("no playwright/chromium")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
+        yield b
+        b.close()

@@ -26,15 +26,7 @@ from actatlas.grid import GridLevel, load_grid, save_grid
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update"]
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:  # pragma: no cover - depends on the environment
-    sync_playwright = None
-HAVE_BROWSER = sync_playwright is not None and Path(CHROMIUM).is_file()
-needs_browser = pytest.mark.skipif(not HAVE_BROWSER, reason="needs playwright and /usr/bin/chromium")
+from conftest import needs_browser  # noqa: E402  (the `browser` fixture is conftest's too)
 
 LAYER = "mixed4c"
 N_CLASSES = 300
@@ -247,16 +239,6 @@ def test_export_of_atlas_objects_without_a_run(run_dir, site, tmp_path, caplog):
 
 
 # ------------------------------------------------------------------ the viewer in Chromium
-@pytest.fixture(scope="module")
-def browser():
-    if not HAVE_BROWSER:
-        pytest.skip("no playwright/chromium")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
-        yield b
-        b.close()
-
-
 class Page:
     def __init__(self, browser, url, viewport=(1000, 700), ready=True):
         self.page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import shutil
 import threading
 from pathlib import Path
@@ -19,24 +18,7 @@ from actatlas.export.site import patch_box
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update"]
-
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:  # pragma: no cover - depends on the environment
-    sync_playwright = None
-
-HAVE_BROWSER = sync_playwright is not None and Path(CHROMIUM).is_file()
-if not HAVE_BROWSER and os.environ.get("ACTATLAS_REQUIRE_BROWSER"):
-    raise RuntimeError("ACTATLAS_REQUIRE_BROWSER is set (CI) but playwright or /usr/bin/chromium is missing; "
-                       "install requirements-test.txt and 'apt-get install -y chromium'")
-
-needs_browser = pytest.mark.skipif(
-    not HAVE_BROWSER,
-    reason="browser tests need playwright (pip install playwright) and Debian's chromium at /usr/bin/chromium "
-           "(apt-get install -y chromium); 'playwright install' is not used")
+from conftest import needs_browser  # noqa: E402  (the `browser` fixture is conftest's too)
 
 
 # ------------------------------------------------------------------ fixtures
@@ -66,16 +48,6 @@ def served(site):
     yield f"http://127.0.0.1:{srv.server_address[1]}/"
     srv.shutdown()
     srv.server_close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not HAVE_BROWSER:
-        pytest.skip("no playwright/chromium")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
-        yield b
-        b.close()
 
 
 class Page:

@@ -74,15 +74,18 @@ class Atlas:
     def _repr_html_(self) -> str:
         """Jupyter display: the coarsest canvas as an inline PNG (``actatlas.show(atlas)`` is the
         interactive viewer)."""
-        hint = "<br>interactive viewer: <code>actatlas.show(atlas)</code>"
+        return self.canvas_html("<br>interactive viewer: <code>actatlas.show(atlas)</code>")
+
+    def canvas_html(self, note_html: str = "") -> str:
+        """The coarsest canvas as an inline PNG figure, `note_html` appended to its caption."""
         if not self.levels:
-            return f"<p>activation atlas of {html.escape(self.layer)}: no levels{hint}</p>"
+            return f"<p>activation atlas of {html.escape(self.layer)}: no levels{note_html}</p>"
         buf = io.BytesIO()
         Image.fromarray(self.levels[0].canvas()).save(buf, format="PNG")
         b64 = base64.b64encode(buf.getvalue()).decode("ascii")
         return (f'<figure><img src="data:image/png;base64,{b64}" style="max-width:100%" '
                 f'alt="activation atlas"><figcaption>{html.escape(self.layer)}, level '
-                f'{self.levels[0].size}{hint}</figcaption></figure>')
+                f'{self.levels[0].size}{note_html}</figcaption></figure>')
 
     def level(self, size: int) -> AtlasLevel:
         for lv in self.levels:

@@ -699,14 +699,7 @@ def notebook_html(run_dir: str | os.PathLike, layer: str | None = None, height: 
 
 def _canvas_html(atlas: Atlas) -> str:
     """The coarsest canvas of `atlas` as an inline PNG (an atlas without a run)."""
-    if not atlas.levels:
-        return f"<p>activation atlas of {html.escape(atlas.layer)}: no levels</p>"
-    buf = io.BytesIO()
-    Image.fromarray(atlas.levels[0].canvas()).save(buf, format="PNG")
-    b64 = base64.b64encode(buf.getvalue()).decode("ascii")
-    return (f'<figure><img src="data:image/png;base64,{b64}" style="max-width:100%" alt="activation atlas">'
-            f'<figcaption>{html.escape(atlas.layer)}, level {atlas.levels[0].size} (no run: the interactive '
-            f'viewer needs the run the atlas came from)</figcaption></figure>')
+    return atlas.canvas_html(" (no run: the interactive viewer needs the run the atlas came from)")
 
 
 @dataclass
