@@ -753,3 +753,25 @@ def test_geometry_matches_resize_then_crop_on_real_photos():
         d = np.abs(np.asarray(pre.geometry(img)).astype(np.int16) - _resize_then_crop(pre, img).astype(np.int16))
         means.append(float(d.mean()))
     assert float(np.mean(means)) < 0.1 and max(means) < 1.0, (float(np.mean(means)), max(means))
+
+
+def test_patch_attack_max_pixels(tmp_path, capsys):
+    """patch-attack's --max-pixels caps the patch files and the attacked images (ImageBank)."""
+    from actatlas.analysis.attack import ImageBank, labelled_images
+    from actatlas.cli import main
+
+    import actatlas as aa
+
+    folder, target = _patch_world(tmp_path)
+    patch, _ = _grey16_gradient(tmp_path / "grey16.png")  # 64 x 16 = 1024 px
+    argv = _patch_attack_argv(folder, target, patch, tmp_path / "rep")
+    assert main(argv + ["--max-pixels", "1000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("actatlas: error: --patch") and "64x16" in err and "--max-pixels" in err
+    assert len(err.splitlines()) == 1
+    spec = aa.load_model("patchmodels:balanced_tiny_cnn")
+    imgs = labelled_images(folder, spec, max_pixels=1000)  # the images are 36 x 36 = 1296 px
+    assert imgs.max_pixels == 1000 and labelled_images(folder, spec).max_pixels == 50_000_000
+    bank = ImageBank(spec, imgs, progress=False)
+    assert bank.load(range(len(imgs.paths))) == [] and len(bank.skipped) == len(imgs.paths)
+    assert all("36x36" in r for r in bank.skipped.values())

@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..data import ImageDecodeError, images, load_rgb
+from ..data import DEFAULT_MAX_PIXELS, ImageDecodeError, images, load_rgb
 from ..errors import UserError
 from ..grid import load_grid
 from ..models.spec import resolve_class
@@ -224,22 +224,24 @@ def cell_patch(run_dir, layer: str, level: int, i: int, j: int, size_px: int = 1
 
 @dataclass
 class LabelledImages:
-    """Image paths with class labels (-1 unknown) in the model's class order."""
+    """Image paths with class labels (-1 unknown) in the model's class order; `max_pixels`: the
+    loader's pixel cap for them (see `actatlas.data.load_rgb`)."""
     paths: list[str]
     labels: np.ndarray
     description: str
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     @property
     def has_labels(self) -> bool:
         return bool(len(self.labels)) and bool((np.asarray(self.labels) >= 0).any())
 
 
-def labelled_images(source, spec) -> LabelledImages:
+def labelled_images(source, spec, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LabelledImages:
     """`source` (anything ``actatlas.images`` takes) with labels resolved against the model's classes
     (wnid file-name prefixes, class folders)."""
-    src = images(source)
+    src = images(source, max_pixels=max_pixels)
     return LabelledImages([it.path for it in src], np.asarray(src.labels(spec.class_names, spec.wnids), np.int64),
-                          src.description)
+                          src.description, src.max_pixels)
 
 
 def run_images(run_dir) -> LabelledImages:
@@ -277,7 +279,8 @@ class ImageBank:
                 for k in todo[a:a + 64]:
                     try:
                         pre = self.spec.preprocess
-                        self.bgs[k] = pre.geometry(load_rgb(self.images.paths[k], min_side=pre.decode_side))
+                        self.bgs[k] = pre.geometry(load_rgb(self.images.paths[k], max_pixels=self.images.max_pixels,
+                                                            min_side=pre.decode_side))
                         part.append(k)
                     except ImageDecodeError as exc:
                         self.skipped[k] = str(exc)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from ..errors import UserError
 from ..version import __version__
@@ -45,6 +46,9 @@ def _setup_logging(verbose: bool) -> None:
         handler.addFilter(FlagNames())
         root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
+    # an image over --max-pixels is refused (one line, or counted as skipped) from its header; PIL's
+    # DecompressionBombWarning, printed while reading that header, would only repeat it
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit", module=r"PIL\.Image")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,12 +11,12 @@ from pathlib import Path
 from ..analysis.attack import (find_patches, labelled_images, looks_like_cell_spec, parse_cell_spec,
                                render_cell_patch, run_patch_attack)
 from ..analysis.views import class_slug
-from ..data import ImageDecodeError, load_rgb
+from ..data import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
 from ..errors import ConfigError, DataError
 from ..models.spec import resolve_class
 from ..pipeline import check_layer
 from ..run import open_run
-from .common import add_common, add_device_args, add_model_args, emit, load_model_of, runtime_of
+from .common import add_common, add_device_args, add_max_pixels, add_model_args, emit, load_model_of, runtime_of
 
 _DEFAULT_SIZES = "0.1,0.2,0.3,0.4,0.5,0.6,0.7"
 
@@ -52,6 +52,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--render-steps", type=int, default=None,
                    help="optimisation steps for cell patches (default: the run's render steps)")
     _add_attack_args(p)
+    add_max_pixels(p)
     p.add_argument("--out", "-o", default="patch-attack",
                    help="report folder: <patch>.json/.csv/.png per patch + summary.json (default: %(default)s)")
     add_common(p)
@@ -99,12 +100,12 @@ def _open_patch(text: str, spec, args):
     """(name, PIL image, info) for one --patch value.
 
     Files decode through the same loader as collection (`actatlas.data.load_rgb`: 16-bit and other
-    wide modes scaled, transparency over white, EXIF orientation, the default pixel cap); any
+    wide modes scaled, transparency over white, EXIF orientation, the --max-pixels cap); any
     decoding problem (corrupt, truncated, a decompression bomb) is a UserError."""
     path = Path(text).expanduser()
     if path.is_file():
         try:
-            img = load_rgb(path)
+            img = load_rgb(path, max_pixels=getattr(args, "max_pixels", DEFAULT_MAX_PIXELS))
         except ImageDecodeError as exc:
             raise DataError(f"--patch {text}: not a readable image ({exc.reason})") from None
         return path.name, img, {"file": str(path)}
@@ -129,7 +130,7 @@ def cmd_patch_attack(args) -> None:
     spec = load_model_of(args, runtime_of(args))
     target = spec.class_index(args.target)
     source = spec.class_index(args.source) if args.source is not None else None
-    imgs = labelled_images(args.images, spec)
+    imgs = labelled_images(args.images, spec, max_pixels=args.max_pixels)
     patches = [_open_patch(t, spec, args) for t in args.patch]
     res = run_patch_attack(spec, imgs, target, [(n, im) for n, im, _ in patches], source_class=source, sizes=sizes,
                            corners=args.corners, min_source=args.min_source, max_images=args.max_images,
