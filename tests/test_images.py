@@ -775,3 +775,15 @@ def test_patch_attack_max_pixels(tmp_path, capsys):
     bank = ImageBank(spec, imgs, progress=False)
     assert bank.load(range(len(imgs.paths))) == [] and len(bank.skipped) == len(imgs.paths)
     assert all("36x36" in r for r in bank.skipped.values())
+
+
+def test_in_memory_16_bit_patch_is_not_white():
+    """A 16-bit grey PIL image handed straight to the attack code keeps its grey levels (to_rgb)."""
+    from actatlas.analysis.patches import composite
+
+    arr = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
+    patch = Image.fromarray(arr)
+    assert patch.mode.startswith("I")
+    bg = Image.new("RGB", (32, 32), (0, 0, 0))
+    out = np.asarray(composite(bg, patch, 1.0, (0.0, 0.0)))
+    assert out.max() <= 255 and 0 < out.mean() < 200     # not all white: the 16-bit range was scaled

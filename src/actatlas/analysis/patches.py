@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ..data import to_rgb
 from ..errors import UserError
 
 CORNERS = ((0, 0), (1, 0), (0, 1), (1, 1))  # top-left, top-right, bottom-left, bottom-right
@@ -47,11 +48,11 @@ def composite(bg: Image.Image, patch: Image.Image, r: float, corner: Sequence[fl
     if not 0 <= r <= 1:
         raise UserError(f"patch size must be a fraction of the side in [0, 1], got {r}")
     s = w
-    out = bg.convert("RGB").copy()
+    out = to_rgb(bg).copy()
     side = int(r * s)
     if side <= 0:
         return out
-    p = patch.convert("RGB").resize((side, side), Image.Resampling.LANCZOS)
+    p = to_rgb(patch).resize((side, side), Image.Resampling.LANCZOS)
     px, py = corner
     out.paste(p, (int(px * (s - side)), int(py * (s - side))))
     return out
@@ -88,7 +89,7 @@ class Classifier:
         """[b] PIL (already s x s) -> [b, classes] float64 softmax probabilities."""
         out = []
         for a in range(0, len(imgs), self.batch_size):
-            arr = np.stack([np.asarray(im.convert("RGB"), np.uint8).transpose(2, 0, 1)
+            arr = np.stack([np.asarray(to_rgb(im), np.uint8).transpose(2, 0, 1)
                             for im in imgs[a:a + self.batch_size]])
             x = self.spec.preprocess.normalize(torch.from_numpy(arr).to(self.device))
             if self.channels_last:
@@ -234,7 +235,7 @@ def patch_attack(spec, source_images: list[Image.Image], source_labels: np.ndarr
     if source_labels is not None and len(source_labels) != len(source_images):
         raise UserError(f"{len(source_labels)} labels for {len(source_images)} images")
     classify = Classifier(spec, batch_size)
-    bgs = [spec.preprocess.geometry(im.convert("RGB")) for im in source_images]
+    bgs = [spec.preprocess.geometry(to_rgb(im)) for im in source_images]
     probs = classify(bgs)
     ok = eligible_images(probs, source_labels, source_class, target) if len(bgs) else np.zeros(0, bool)
     idx = np.flatnonzero(ok)
