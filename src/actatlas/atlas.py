@@ -22,15 +22,20 @@ from PIL import Image
 from .errors import UserError
 from .grid import level_to_records
 from .models import resolve_class
+from .scores import SCORE_KEYS, cut_patch, patch_box, score_value  # noqa: F401  (cut_patch, patch_box: a
+#   cell's real patches, public here for the export, which reads only the atlas layer)
 from .store import layer_dirname, write_json_atomic
 
 
 @dataclass
 class AtlasLevel:
-    """One zoom level: `size` G, per-cell grid position, count, classes, icons and fidelity scores.
+    """One zoom level: `size` G, per-cell grid position, count, classes, icons and their scores.
 
     Arrays share the first dimension m (kept cells): i, j, count [m]; top_classes, top_values [m, k];
-    icons uint8 [m, P, P, 3]; fidelity [m] (icon), member_fidelity [m] (best real member).
+    icons uint8 [m, P, P, 3]; fidelity [m] (the icon's objective alignment: cos to the target it was
+    optimised toward; `objective_alignment`), member_fidelity [m] (the same for the best real member);
+    scores: the honest icon scores {name: [m]} (`actatlas.scores.SCORE_KEYS`; empty when not computed,
+    e.g. an atlas saved before they existed).
     """
 
     size: int
@@ -43,6 +48,12 @@ class AtlasLevel:
     fidelity: np.ndarray
     member_fidelity: np.ndarray
     grid: Any = field(default=None, repr=False, compare=False)  # the GridLevel it was built from, if known
+    scores: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def objective_alignment(self) -> np.ndarray:
+        """[m] the honest name of `fidelity`: cos(icon centre activation, the target it was optimised toward)."""
+        return self.fidelity
 
     @property
     def icon_size(self) -> int:
@@ -115,12 +126,20 @@ class Atlas:
 
     def records(self, level: AtlasLevel) -> list[dict]:
         """JSON-able per-cell records (``level-<G>.json``): grid position, count, top classes
-        (`grid.level_to_records`), fidelity and the icon's path."""
+        (`grid.level_to_records`), the objective alignment of the icon and of the best real member
+        (also under their old names "fidelity" / "member_fidelity"), the honest icon scores when the
+        level has them (`actatlas.scores.SCORE_KEYS`; None where not computed) and the icon's path."""
         recs = level_to_records(level, self.class_names, None, digits=5, unknown_name=True)
-        return [{**rec, "fidelity": round(f, 4), "member_fidelity": round(mf, 4),
-                 "icon": f"level-{level.size}/cell-{rec['i']}-{rec['j']}.png"}
-                for rec, f, mf in zip(recs, np.asarray(level.fidelity, np.float64).tolist(),
-                                      np.asarray(level.member_fidelity, np.float64).tolist())]
+        names = [k for k in SCORE_KEYS if k in level.scores]
+        cols = {k: np.asarray(level.scores[k]).tolist() for k in names}
+        out = []
+        for c, (rec, f, mf) in enumerate(zip(recs, np.asarray(level.fidelity, np.float64).tolist(),
+                                             np.asarray(level.member_fidelity, np.float64).tolist())):
+            out.append({**rec, "objective_alignment": round(f, 4), "best_member_objective_alignment": round(mf, 4),
+                        "fidelity": round(f, 4), "member_fidelity": round(mf, 4),
+                        **{k: score_value(k, cols[k][c]) for k in names},
+                        "icon": f"level-{level.size}/cell-{rec['i']}-{rec['j']}.png"})
+        return out
 
     def save(self, directory: str | Path) -> dict[int, Path]:
         """Write ``<dir>/level-<G>.png`` canvases, ``level-<G>.json`` cells, ``level-<G>/cell-i-j.png``
@@ -142,7 +161,8 @@ class Atlas:
                                                             "icon_size": lv.icon_size, "cells": self.records(lv)})
             np.savez(d / f"level-{lv.size}.npz", i=lv.i, j=lv.j, count=lv.count, top_classes=lv.top_classes,
                      top_values=lv.top_values, icons=lv.icons, fidelity=lv.fidelity,
-                     member_fidelity=lv.member_fidelity)
+                     member_fidelity=lv.member_fidelity,
+                     **{f"{SCORE_PREFIX}{k}": np.asarray(v) for k, v in lv.scores.items()})
         write_json_atomic(d / "atlas.json", {"layer": self.layer, "levels": [lv.size for lv in self.levels],
                                              "class_names": self.class_names, "summary": self.summary})
         return pngs
@@ -155,13 +175,18 @@ class Atlas:
         meta = json.loads((d / "atlas.json").read_text())
         levels = []
         for g in meta["levels"]:
-            z = np.load(d / f"level-{g}.npz")
-            levels.append(AtlasLevel(size=g, **{k: z[k] for k in z.files}))
+            with np.load(d / f"level-{g}.npz") as z:
+                arrays = {k: z[k] for k in z.files}
+            scores = {k[len(SCORE_PREFIX):]: arrays.pop(k) for k in list(arrays) if k.startswith(SCORE_PREFIX)}
+            if "fidelity" not in arrays and "objective_alignment" in arrays:
+                arrays["fidelity"] = arrays.pop("objective_alignment")
+            levels.append(AtlasLevel(size=g, **arrays, scores=scores))
         run_dir = d.parent.parent if (d.parent.parent / "manifest.json").is_file() else None
         return cls(meta["layer"], levels, meta["class_names"], meta.get("summary", {}), run_dir=run_dir)
 
 
 HEAT_MODES = ("weighted", "winner", "attribution")
+SCORE_PREFIX = "score_"   # the honest icon scores' arrays in level-<G>.npz
 
 
 def aligned_attributions(grid_level, i: np.ndarray, j: np.ndarray) -> np.ndarray | None:

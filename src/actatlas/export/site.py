@@ -11,11 +11,16 @@ Layout of an exported site ``SITE/``::
 
 Cell JSON (one entry per kept cell, all arrays of length m): ``i``, ``j`` grid column / row
 (j grows upward), ``n`` samples in the cell, ``t`` top-5 class ids (flattened, 5 per cell, -1
-padded), ``v`` their mean attribution values, ``f`` icon fidelity, ``mf`` best real member
-fidelity, ``s`` icon sheet index (into ``sheets``) and ``k`` slot in that sheet, ``pc`` number of
+padded), ``v`` their mean attribution values, ``f`` the icon's objective alignment (formerly
+"fidelity"), ``mf`` the best real member's, ``s`` icon sheet index (into ``sheets``) and ``k`` slot in that sheet, ``pc`` number of
 member patches. Patches of cell number c live in sheet ``c // patches.cells_per_sheet`` at slots
 ``(c % cells_per_sheet) * per_cell + q``. With attributions, ``w`` / ``wn`` are each cell's top class
-/ most negative class over ALL classes (-1: none), for the viewer's "winner" filter.
+/ most negative class over ALL classes (-1: none), for the viewer's "winner" filter. Atlases with
+honest icon scores (``actatlas.scores``) add the columns of `SCORE_COLUMNS` (null where not computed):
+``rr`` / ``rw`` retrieval rank against the raw / whitened cell means, ``ca`` class agreement, ``cf``
+colourfulness, ``ct`` contrast, ``bf`` border fill of the icon; the same with an ``m`` prefix for the
+cell's random real member (``moa`` its objective alignment); ``pcf``, ``pct``, ``pbf`` the medians
+over the cell's real patches (``pn`` of them).
 
 Class heat (format 2, present when the run has attributions): the full mean attribution of every
 class in every cell, one small binary file per class, fetched when the class is chosen (the first
@@ -60,7 +65,8 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from ..atlas import Atlas, AtlasLevel, aligned_attributions, cell_winners, class_heat_values
+from ..atlas import (Atlas, AtlasLevel, aligned_attributions, cell_winners, class_heat_values, cut_patch,
+                     patch_box)  # noqa: F401  (patch_box: public here as before)
 from ..data import ImageDecodeError, load_rgb
 from ..errors import ConfigError, RunStateError, UserError
 from ..grid import GridLevel, load_grid
@@ -211,22 +217,6 @@ def _input_geometry(run: Run) -> tuple[Callable[[Image.Image], Image.Image], int
     return _centre_crop(FALLBACK_INPUT), FALLBACK_INPUT
 
 
-def patch_box(y: int, x: int, h: int, w: int, s: int) -> tuple[int, int, int, int]:
-    """Crop box (x0, y0, x1, y1) in the s x s input around layer position (y, x) of an h x w map.
-
-    The box is centred on the position's centre ((y+.5)s/h, (x+.5)s/w) and approximates its
-    receptive field: 4 strides wide, at least s/4 and at most s; shifted to stay inside the image.
-    """
-    stride = s / max(1, min(h, w))
-    side = int(round(min(s, max(4 * stride, s / 4))))
-    cy, cx = (y + 0.5) * s / h, (x + 0.5) * s / w
-    x0 = int(round(cx - side / 2))
-    y0 = int(round(cy - side / 2))
-    x0 = min(max(0, x0), s - side)
-    y0 = min(max(0, y0), s - side)
-    return x0, y0, x0 + side, y0 + side
-
-
 def _icon_tile(size: int, icon: int) -> int:
     return max(1, min(size, SHEET_MAX_PX // max(1, icon)))
 
@@ -320,15 +310,13 @@ def _members(grid: GridLevel, q: int) -> list[int]:
 
 def _cell_patches(ctx: _LayerExport, grid: GridLevel, q: int) -> list[Image.Image]:
     """Up to `patches_per_cell` patches (patch_size square) of grid cell q's members whose photo reads."""
-    h, w = ctx.map_hw
     out = []
     for r in _members(grid, q):
         if len(out) >= ctx.patches_per_cell:
             break
         img = ctx.images.get(str(ctx.rows.path[r]))
         if img is not None:
-            crop = img.crop(patch_box(int(ctx.rows.y[r]), int(ctx.rows.x[r]), h, w, ctx.input_size))
-            out.append(crop.resize((ctx.patch_size, ctx.patch_size), Image.BILINEAR))
+            out.append(cut_patch(img, ctx.rows.y[r], ctx.rows.x[r], ctx.map_hw, ctx.input_size, ctx.patch_size))
     return out
 
 
@@ -367,8 +355,21 @@ def _rounded(x, nd: int = 4):
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else round(float(x), nd)
 
 
+# the honest icon scores' columns in the level JSON (compact key -> record key), present when the
+# atlas has them: icon, random real member, median of the cell's real patches
+SCORE_COLUMNS = {
+    "rr": "retrieval_rank_raw", "rw": "retrieval_rank_whitened", "ca": "class_agreement",
+    "cf": "colourfulness", "ct": "contrast", "bf": "border_fill",
+    "mrr": "member_retrieval_rank_raw", "mrw": "member_retrieval_rank_whitened", "mca": "member_class_agreement",
+    "mcf": "member_colourfulness", "mct": "member_contrast", "mbf": "member_border_fill",
+    "moa": "member_objective_alignment",
+    "pcf": "patch_colourfulness", "pct": "patch_contrast", "pbf": "patch_border_fill", "pn": "patch_count",
+}
+
+
 def _cell_columns(records: list[dict]) -> dict:
-    """The level JSON's per-cell columns i, j, n, t, v, f, mf from ``Atlas.records``."""
+    """The level JSON's per-cell columns i, j, n, t, v, f, mf from ``Atlas.records``, and the score
+    columns of `SCORE_COLUMNS` that the records have."""
     m = len(records)
     t = np.full((m, 5), -1, np.int32)
     v = np.zeros((m, 5), np.float64)
@@ -377,8 +378,10 @@ def _cell_columns(records: list[dict]) -> dict:
             t[c, q], v[c, q] = int(entry[0]), float(entry[2])
     return {"i": [r["i"] for r in records], "j": [r["j"] for r in records], "n": [r["n"] for r in records],
             "t": t.ravel().tolist(), "v": [float(f"{x:.4g}") for x in v.ravel()],
-            "f": [_rounded(r.get("fidelity")) for r in records],
-            "mf": [_rounded(r.get("member_fidelity")) for r in records]}
+            "f": [_rounded(r.get("objective_alignment", r.get("fidelity"))) for r in records],
+            "mf": [_rounded(r.get("best_member_objective_alignment", r.get("member_fidelity"))) for r in records],
+            **{col: [r.get(key) for r in records] for col, key in SCORE_COLUMNS.items()
+               if any(r.get(key) is not None for r in records)}}
 
 
 def _level_heat(ctx: _LayerExport, level: AtlasLevel, grid: GridLevel | None) -> np.ndarray | None:
