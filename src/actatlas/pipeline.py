@@ -30,14 +30,16 @@ from .collect import CollectConfig
 from .collect import collect as collect_activations
 from .data import ImageSource
 from .data import images as make_images
-from .errors import ConfigError
+from .errors import ConfigError, RunStateError, UserError
 from .grid import GridLevel, grid_levels, load_grid, save_grid
 from .layout import Layout, LayoutConfig, compute_layout, load_layout, save_layout
-from .models import ModelSpec, load_model, prepare_spec, spec_from_module
+from .models import ModelSpec, Preprocess, load_model, prepare_spec, spec_from_module
 from .render import RenderConfig, fidelity_of_activations
 from .render.icons import render_icon_batch
 from .run import Run, load_run_model, open_run
 from .runtime import Runtime
+from .scores import (TOP, ScoreConfig, centre_scores_inputs, patch_vividness, sample_members, score_level,
+                     summarize_level, top_classes_of)
 from .stages import StageReport, config_hash, read_manifest, run_stage, stage_hash, update_manifest
 from .store import ensure_dir, layer_dirname, run_lock, save_npy_atomic, save_npz_atomic, write_json_atomic
 from .whiten import whitening_matrix
@@ -81,10 +83,19 @@ class RenderResult:
 
 
 @dataclass
+class ScoresResult:
+    """Honest icon scores per level size: {G: {score name: [m] array}} (`actatlas.scores.SCORE_KEYS`)."""
+
+    report: StageReport
+    scores: dict[int, dict[str, np.ndarray]]
+
+
+@dataclass
 class AssembleResult:
     report: StageReport
     atlas: Atlas
     pngs: dict[int, Path]
+    scores: ScoresResult | None = None   # the scores stage it read (None: left out)
 
 
 @dataclass
@@ -300,16 +311,128 @@ def best_member_fidelity(level, acts: np.ndarray, S: np.ndarray | None) -> np.nd
     return np.maximum.reduceat(f, level.member_offsets[:-1]).astype(np.float32)
 
 
-def run_assemble(run_dir: str | Path, layer: str, render: RenderResult) -> AssembleResult:
+def _patch_geometry(run: Run, spec: ModelSpec):
+    """(geometry, s): the input geometry the run recorded (else the model's): where patches are cut."""
+    d = run.summary.get("preprocess")
+    if d is not None:
+        try:
+            pre = Preprocess(**d)
+            return pre.geometry, int(pre.size)
+        except (TypeError, ValueError):  # a recorded format this version does not know
+            pass
+    return spec.preprocess.geometry, int(spec.preprocess.size)
+
+
+def _member_tops(run: Run, layer: str, rows: np.ndarray) -> np.ndarray | None:
+    """int64 [n, 5] the top classes of the stored attributions of run rows `rows` (collect's own
+    numbers for the members); None when the run has no attributions."""
+    order = np.argsort(rows, kind="stable")
+    full = run.attributions(layer)
+    if full is not None:
+        top = top_classes_of(np.asarray(full[rows[order]], np.float32))
+    else:
+        topk = run.attribution_topk(layer)
+        if topk is None:
+            return None
+        top = np.asarray(topk[0][rows[order]], np.int64)[:, :TOP]
+    out = np.empty_like(top)
+    out[order] = top
+    return out
+
+
+def run_scores(run_dir: str | Path, layer: str, render: RenderResult, spec: ModelSpec | None = None,
+               cfg: ScoreConfig | None = None, progress: bool = True, device: str = "cpu") -> ScoresResult:
+    """Stage: honest icon scores of every level (`actatlas.scores`) -> ``RUN/scores/<layer>/level-<G>.npz``.
+
+    For each cell: the icon's retrieval ranks (raw and whitened), class agreement and vividness, the
+    same for one seeded random real member, and the median vividness of the cell's real patches.
+    Keyed by the render's hash and `cfg`; committed per level, so an interrupted stage resumes."""
+    run_dir = Path(run_dir)
+    run = open_run(run_dir)
+    layer = check_layer(run, layer)
+    cfg = cfg or ScoreConfig()
+    record = {"render": render.report.hash, "scores": dataclasses.asdict(cfg)}
+    out = run_dir / "scores" / layer_dirname(layer)
+    levels = load_grid(run_dir / "grid", layer)
+
+    def path(lv):
+        return out / f"level-{lv.size}.npz"
+
+    def fn(resume):
+        nonlocal spec
+        if not resume and out.exists():
+            shutil.rmtree(out)
+        todo = [lv for lv in levels if not path(lv).is_file()]
+        if not todo:
+            return
+        if spec is None:
+            spec = load_run_model(run, device)
+        acts = run.activations(layer)
+        rows = run.rows(layer)
+        shape = run.summary.get("layer_shapes", {}).get(layer)
+        geometry, s = _patch_geometry(run, spec)
+        picks, requests = {}, []
+        for lv in todo:
+            member, patches = sample_members(lv.member_offsets, lv.member_rows, cfg.seed, lv.size, cfg.max_patches)
+            P = int(render.icons[lv.size]["images"].shape[1])
+            picks[lv.size] = (member, patches, len(requests))
+            requests += [(rows.path[r], int(rows.y[r]), int(rows.x[r]), P) for p in patches for r in p]
+        if shape is not None and len(shape) == 3:
+            values, failed = patch_vividness(requests, geometry, s, (int(shape[1]), int(shape[2])), cfg.frame,
+                                             cfg.grey_tol, progress=progress)
+            if failed:
+                log.warning("icon scores: %d member photos could not be read; their patches are left out", failed)
+        else:   # a layer without a spatial map has no patches
+            values = np.full((len(requests), 3), np.nan)
+        with_attr = run.attributions(layer) is not None or run.attribution_topk(layer) is not None
+        module_layer = run.config["module_layers"][layer]
+        for lv in todo:
+            member, patches, start = picks[lv.size]
+            n = sum(len(p) for p in patches)
+            icons = render.icons[lv.size]["images"]
+            icon_acts, icon_attr = centre_scores_inputs(spec, module_layer, icons, attributions=with_attr,
+                                                        batch_size=cfg.batch_size)
+            order = np.argsort(member, kind="stable")
+            member_acts = np.empty((len(member), acts.shape[1]), np.float32)
+            member_acts[order] = np.asarray(acts[member[order]], np.float32)
+            arrays = score_level(
+                means=np.asarray(lv.mean_activation, np.float32), cell_top=np.asarray(lv.top_classes)[:, :TOP],
+                S=render.S, icon_acts=icon_acts.reshape(len(icons), -1),
+                icon_top=top_classes_of(icon_attr) if icon_attr is not None else None, icons=icons,
+                member=member, member_acts=member_acts,
+                member_top=_member_tops(run, layer, member) if with_attr else None,
+                patches=patches, patch_values=values[start:start + n], cfg=cfg)
+            ensure_dir(out)
+            save_npz_atomic(path(lv), **arrays)
+
+    rep = run_stage(run_dir, f"scores:{layer}", record, fn, lambda: all(path(lv).is_file() for lv in levels))
+    scores = {}
+    for lv in levels:
+        with np.load(path(lv)) as z:
+            scores[lv.size] = {k: z[k] for k in z.files}
+    return ScoresResult(rep, scores)
+
+
+def run_assemble(run_dir: str | Path, layer: str, render: RenderResult, scores: ScoresResult | None = None, *,
+                 spec: ModelSpec | None = None, progress: bool = False, device: str = "cpu") -> AssembleResult:
     """Stage: canvases, per-level cell JSON and summary -> ``RUN/atlas/<layer>``.
 
     Always runs (it is cheap). Its ``atlas.json``, which marks an assembled atlas, is removed first
-    and written last, so a failed assemble never leaves an earlier atlas to be exported as current."""
+    and written last, so a failed assemble never leaves an earlier atlas to be exported as current.
+    Without `scores` it runs the scores stage first (`run_scores` with `spec`, else the run's model
+    loaded again on `device`; a model given as an object cannot be, and the atlas then has no icon
+    scores); it is its own stage ("scores:<layer>" in the manifest: cached, resumable)."""
     run_dir = Path(run_dir)
     run = open_run(run_dir)
     acts = run.activations(layer)
     adir = atlas_dir(run_dir, layer)
     result: dict = {}
+    if scores is None:
+        try:
+            scores = run_scores(run_dir, layer, render, spec=spec, progress=progress, device=device)
+        except RunStateError as e:
+            log.warning("icon scores left out: %s", e)
+    per_level = scores.scores if scores is not None else {}
 
     def fn(resume):
         (adir / "atlas.json").unlink(missing_ok=True)
@@ -318,12 +441,14 @@ def run_assemble(run_dir: str | Path, layer: str, render: RenderResult) -> Assem
             ic = render.icons[g.size]
             levels.append(AtlasLevel(size=g.size, i=g.i, j=g.j, count=g.count, top_classes=g.top_classes,
                                      top_values=g.top_values, icons=ic["images"], fidelity=ic["fidelity"],
-                                     member_fidelity=best_member_fidelity(g, acts, render.S), grid=g))
+                                     member_fidelity=best_member_fidelity(g, acts, render.S), grid=g,
+                                     scores=per_level.get(g.size, {})))
         atlas = Atlas(layer, levels, run.class_names, run_dir=run_dir)
         result["atlas"], result["pngs"] = atlas, atlas.save(adir)
 
-    rep = run_stage(run_dir, f"assemble:{layer}", {"render": render.report.hash}, fn, force=True)
-    return AssembleResult(rep, result["atlas"], result["pngs"])
+    record = {"render": render.report.hash, **({"scores": scores.report.hash} if scores is not None else {})}
+    rep = run_stage(run_dir, f"assemble:{layer}", record, fn, force=True)
+    return AssembleResult(rep, result["atlas"], result["pngs"], scores)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,7 +566,7 @@ def build_atlas(images=None, out: str | Path | None = None, *, model=None, layer
         lay = run_layout(out, layer, lcfg, progress=runtime.progress)
         grid = run_grid(out, layer, levels, min_count=min_count, progress=runtime.progress)
         ren = run_render(out, layer, rcfg, spec=spec, progress=runtime.progress, runtime=runtime)
-        asm = run_assemble(out, layer, ren)
+        asm = run_assemble(out, layer, ren, spec=spec, progress=runtime.progress, device=runtime.model_device)
         reports += [lay.report, grid.report, ren.report, asm.report]
         atlas = asm.atlas
         summary = _summary(out, run, layer, atlas, reports, asm.pngs, t0)
@@ -460,12 +585,11 @@ def _summary(out: Path, run: Run, layer: str, atlas: Atlas, reports: list[StageR
     return {
         "run_dir": str(out), "layer": layer, "model": run.config["model"],
         "samples": int(sum(run.summary["rows"].values())),
-        "levels": [{"size": lv.size, "cells": int(len(lv.i)), "samples_used": int(lv.count.sum()),
-                    "icon_fidelity": float(lv.fidelity.mean()) if len(lv.i) else None,
-                    "member_fidelity": float(lv.member_fidelity.mean()) if len(lv.i) else None}
-                   for lv in atlas.levels],
+        "levels": [_level_summary(lv) for lv in atlas.levels],
         "mean_icon_fidelity": _mean([lv.fidelity for lv in atlas.levels]),
         "mean_member_fidelity": _mean([lv.member_fidelity for lv in atlas.levels]),
+        "mean_icon_objective_alignment": _mean([lv.fidelity for lv in atlas.levels]),
+        "mean_best_member_objective_alignment": _mean([lv.member_fidelity for lv in atlas.levels]),
         "stages_run": [r.name for r in reports if r.ran],
         "seconds_this_call": {r.name: round(r.seconds, 3) for r in reports},
         "seconds_recorded": stage_seconds,
@@ -474,11 +598,26 @@ def _summary(out: Path, run: Run, layer: str, atlas: Atlas, reports: list[StageR
     }
 
 
+def _level_summary(lv: AtlasLevel) -> dict:
+    """One level of the summary: the old fidelity numbers (under their honest names too: "objective
+    alignment", the best real member's) and, when the level has them, the honest icon scores for the
+    icons, the random members and the real patches (`actatlas.scores.summarize_level`)."""
+    icon = float(lv.fidelity.mean()) if len(lv.i) else None
+    member = float(lv.member_fidelity.mean()) if len(lv.i) else None
+    out = {"size": lv.size, "cells": int(len(lv.i)), "samples_used": int(lv.count.sum()),
+           "icon_fidelity": icon, "member_fidelity": member,
+           "icon_objective_alignment": icon, "best_member_objective_alignment": member}
+    if lv.scores:
+        out["scores"] = summarize_level(lv.scores, lv.fidelity)
+    return out
+
+
 def _mean(arrays: list[np.ndarray]) -> float | None:
     arr = np.concatenate([np.asarray(a, np.float64) for a in arrays]) if arrays else np.zeros(0)
     return float(arr.mean()) if len(arr) else None
 
 
 __all__ = ["build_atlas", "BuildReport", "LayoutResult", "GridResult", "WhitenResult", "RenderResult",
-           "AssembleResult", "run_layout", "run_grid", "run_whiten", "run_render", "run_assemble",
+           "AssembleResult", "ScoresResult", "run_layout", "run_grid", "run_whiten", "run_render", "run_scores",
+           "run_assemble",
            "best_member_fidelity", "check_layer", "load_run_model"]
