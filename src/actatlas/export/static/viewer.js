@@ -715,6 +715,38 @@
     tip.style.left = Math.min(W - tw - 4, sx + 14) + "px";
     tip.style.top = Math.min(H - th - 4, sy + 14) + "px";
   }
+  // the cell's icon scores: the honest ones (icon | a random real member | median of real patches)
+  // when the export has them, and the objective alignment (formerly "fidelity") in every export
+  function scoreTable(d, c) {
+    var col = function (k) { return d[k] ? d[k][c] : undefined; };
+    var rank = function (k) { var r = col(k); return r === null || r === undefined ? "\u2013" : r + " / " + d.i.length; };
+    var cell = function (x) { return '<td class="v">' + x + "</td>"; };
+    var row = function (name, title, a, b, p) {
+      return '<tr><td title="' + esc(title) + '">' + name + "</td>" + cell(a) + cell(b) + cell(p) + "</tr>";
+    };
+    var rows = [];
+    if (d.rr) {
+      rows.push(row("retrieval rank (raw)", "rank of this cell among all cells of the level by cosine to their mean activations (1 = best)",
+                    rank("rr"), rank("mrr"), ""));
+      if (d.rw) rows.push(row("retrieval rank (whitened)", "the same against the whitened means (the renderer's targets)",
+                              rank("rw"), rank("mrw"), ""));
+      rows.push(row("class agreement", "share of the cell's top-5 classes among the top-5 of the own attribution",
+                    fmt(col("ca")), fmt(col("mca")), ""));
+      rows.push(row("colourfulness", "Hasler & Suesstrunk colourfulness (0-255 units)", fmt(col("cf")), fmt(col("mcf")), fmt(col("pcf"))));
+      rows.push(row("contrast", "std of the grey image (0-255 units)", fmt(col("ct")), fmt(col("mct")), fmt(col("pct"))));
+      rows.push(row("border fill", "share of the outer 10% frame that is not flat grey", fmt(col("bf")), fmt(col("mbf")), fmt(col("pbf"))));
+    }
+    var oa = "objective alignment (formerly fidelity)", oaTitle = "cosine to the target the icon was optimised toward";
+    if (d.rr) {
+      rows.push(row(oa, oaTitle, fmt(d.f[c]), fmt(col("moa")), ""));
+      rows.push(row("best real member's alignment", "the highest objective alignment among the cell's real members",
+                    "", fmt(col("mf")), ""));
+    } else rows.push(row(oa, oaTitle, fmt(d.f[c]), fmt(col("mf")), ""));
+    var head = d.rr ? '<tr><th></th><th class="v">icon</th><th class="v" title="a random real member of the cell">member</th>' +
+      '<th class="v" title="median over the cell\'s real patches' + (d.pn ? " (" + d.pn[c] + ")" : "") + '">patches</th></tr>'
+      : '<tr><th></th><th class="v">icon</th><th class="v">best member</th><th></th></tr>';
+    return '<table class="scores">' + head + rows.join("") + "</table>";
+  }
   function openPanel(c) {
     var L = currentLevel();
     if (!L || c < 0) return;
@@ -726,9 +758,7 @@
     g.fillStyle = "#fff"; g.fillRect(0, 0, big.width, big.height);
     var drawBig = function () { g.drawImage(src[0].img, src[1], src[2], src[3], src[3], 0, 0, big.width, big.height); };
     if (src[0].ok) drawBig(); else src[0].img.addEventListener("load", drawBig, { once: true });
-    $("pinfo").innerHTML = "<div>Average of " + d.n[c] + " activations</div><table>" +
-      "<tr><td>icon fidelity</td><td class=\"v\">" + fmt(d.f[c]) + "</td></tr>" +
-      "<tr><td>best real member fidelity</td><td class=\"v\">" + fmt(d.mf[c]) + "</td></tr></table>" +
+    $("pinfo").innerHTML = "<div>Average of " + d.n[c] + " activations</div>" + scoreTable(d, c) +
       "<h3>Top classes (mean attribution)</h3><table>" + topRows(L, c, 5) + "</table>";
     var box = $("patches");
     box.innerHTML = "";
