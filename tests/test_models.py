@@ -12,7 +12,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
-from actatlas.errors import UserError
+from actatlas.errors import ModelError, UserError
 from actatlas.models import ModelSpec, list_models, load_model
 from actatlas.models.adapters import default_layer, factory_model, timm_model, torchvision_model
 from actatlas.models.layers import Conv2dSame, MaxPool2dSame, fold_batchnorms, same_padding
@@ -286,17 +286,31 @@ def _incv1_input():
 def test_inceptionv1_random_init_shapes(incv1):
     assert incv1.num_classes == 1008 and incv1.class_names[5] == "class_5" and incv1.wnids is None
     assert incv1.default_layer == "mixed4c"
-    assert incv1.resolve_layer("logits") == "softmax2"
+    assert incv1.resolve_layer("logits") == "softmax2_pre_activation"   # Lucid's and lucent's names:
+    assert incv1.resolve_layer("softmax2") == "softmax2"                  # softmax2 is the softmax
     assert incv1.resolve_layer("mixed4c") == "mixed4c"
     pre = incv1.preprocess
     assert (pre.size, pre.resize, pre.mode, pre.interpolation) == (224, None, "squash", "bilinear")
     assert pre.mean == (117, 117, 117) and pre.std == (1, 1, 1)
     x = _incv1_input()
-    got = _shapes(incv1.module, list(MIXED) + ["conv2d0", "conv2d2", "softmax2"], x)
+    got = _shapes(incv1.module, list(MIXED) + ["conv2d0", "conv2d2", "softmax2_pre_activation", "softmax2"], x)
     for name, (c, hw) in MIXED.items():
         assert got[name] == (1, c, hw, hw), name
     assert got["conv2d0"] == (1, 64, 112, 112) and got["conv2d2"] == (1, 192, 56, 56)
-    assert got["softmax2"] == (1, 1008)
+    assert got["softmax2_pre_activation"] == (1, 1008) and got["softmax2"] == (1, 1008)
+
+
+def test_inceptionv1_softmax2_is_the_softmax_of_the_logits(incv1):
+    x = _incv1_input()
+    out = {}
+    h = incv1.module.softmax2.register_forward_hook(lambda _m, _i, o: out.__setitem__("p", o))
+    try:
+        with torch.no_grad():
+            logits = incv1.module(x)
+    finally:
+        h.remove()
+    assert logits.shape == (1, 1008)                      # the forward returns the logits
+    torch.testing.assert_close(out["p"], torch.softmax(logits, dim=1))
 
 
 def test_inceptionv1_sizes_at_80px(incv1):
@@ -331,7 +345,7 @@ def test_inceptionv1_mixed5b_attributions_sum_to_logit_minus_bias(incv1):
             logits = incv1.module(x)
     finally:
         h.remove()
-    fc = incv1.module.softmax2
+    fc = incv1.module.softmax2_pre_activation
     attr = torch.einsum("kc,bchw->bkhw", fc.weight, got["h"]) / 49
     torch.testing.assert_close(attr.sum(dim=(2, 3)), logits - fc.bias, rtol=1e-4, atol=1e-3)
 
@@ -371,7 +385,7 @@ def test_inceptionv1_accepts_own_and_pre_relu_layouts(incv1, tmp_path):
     port = {}
     for k, v in incv1.module.state_dict().items():  # the `*_pre_relu_conv` naming of another port
         parts = k.split(".")
-        if parts[0] == "softmax2":
+        if parts[0] == "softmax2_pre_activation":
             port[f"softmax2_pre_activation_matmul.{parts[-1]}"] = v
         elif parts[0].startswith("conv2d"):
             port[f"{parts[0]}_pre_relu_conv.{parts[-1]}"] = v
@@ -435,7 +449,7 @@ def test_inceptionv1_labels(tmp_path):
     assert read_labels(plain)[1] is None
     bad = tmp_path / "bad.txt"
     bad.write_text("a\nb\n")
-    with pytest.raises(UserError, match="1001"):
+    with pytest.raises(ModelError, match=r"has 2 labels but the model has 1008 logits.*1001"):
         read_labels(bad)
 
 

@@ -11,7 +11,9 @@ Input [b, 3, 224, 224] in the range [-117, 138] (``255 * x - 117`` for x in [0, 
 Stem: conv2d0 (7x7 s2, 64) -> maxpool0 (3x3 s2) -> localresponsenorm0 -> conv2d1 (1x1, 64) -> conv2d2
 (3x3, 192) -> localresponsenorm1 -> maxpool1 (3x3 s2); maxpool4 before mixed4a and maxpool10 before
 mixed5a. All padding is TensorFlow "SAME"; every conv has a bias and a ReLU. mixed5b is followed only
-by the spatial mean and the linear ``softmax2``, so attributions there sum to ``logit - bias``.
+by the spatial mean and the linear ``softmax2_pre_activation`` (the logits, alias ``logits``), so
+attributions there sum to ``logit - bias``. ``softmax2`` is, as in Lucid and lucent, the softmax of the
+logits: a hookable module (probabilities [b, 1008]); the forward still returns the logits.
 
 Local response norm: ``F.local_response_norm(size=9, alpha=9.99999974738e-05, beta=0.5, k=1)``, the
 constants used by the widely used PyTorch port of these weights. (PyTorch divides alpha by `size`, as
@@ -21,14 +23,23 @@ Each mixed block has children ``conv_1x1``, ``conv_3x3_bottleneck``, ``conv_3x3`
 ``conv_5x5_bottleneck``, ``conv_5x5``, ``pool`` and ``pool_reduce``; each conv child is a `ConvReLU`
 with children ``conv`` (pre-ReLU) and ``relu``.
 
-Weights: no package bundles them; users pass a state dict file or URL (sha256-checked, cached). Flat
-port layouts are mapped (`map_flat_keys`): ``conv2d0.weight`` / ``conv2d0_pre_relu_conv.weight``,
-``mixed3a_3x3_bottleneck.weight`` / ``mixed3a_3x3_bottleneck_pre_relu_conv.weight``, ``softmax2.weight`` /
-``softmax2_pre_activation_matmul.weight``; auxiliary-head keys are ignored.
+Layer names of lucent's ``InceptionV1`` are aliases (`lucent_layer_aliases`, derived from the same
+table as the weight keys): ``mixed4c_3x3_pre_relu_conv`` -> ``mixed4c.conv_3x3.conv``, ``mixed4c_3x3``
+-> ``mixed4c.conv_3x3`` (after the ReLU), ``mixed4c_pool`` -> ``mixed4c.pool``,
+``softmax2_pre_activation_matmul`` -> ``softmax2_pre_activation``.
+
+Weights: no package bundles them; users pass a state dict file, a URL (sha256-checked, cached) or the
+named source ``inception5h`` (`actatlas.models.weights.WEIGHT_SOURCES`: the file lucent downloads).
+Three key layouts are read (`map_flat_keys`): lucent's (``conv2d0_pre_relu_conv.weight``,
+``mixed3a_3x3_bottleneck_pre_relu_conv.weight``, ``softmax2_pre_activation_matmul.weight``), the flat
+one of other ports (``conv2d0.weight``, ``mixed3a_3x3_bottleneck.weight``, ``softmax2.weight``) and this
+module's own. Auxiliary-head keys (``head0_*``, ``nn0*``, ``softmax0*``, ...) are ignored; any other
+missing, extra or mis-shaped key is a `ModelError` naming the first ones.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from pathlib import Path
@@ -37,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
+from ..errors import ModelError
 from .layers import Conv2dSame, MaxPool2dSame
 from .catalog import register
 from .spec import ModelSpec, Preprocess
@@ -45,7 +56,8 @@ from .spec import ModelSpec, Preprocess
 log = logging.getLogger(__name__)
 
 __all__ = ["ConvReLU", "Mixed", "InceptionV1", "MIXED_CHANNELS", "map_flat_keys",
-           "to_flat_state_dict", "read_labels", "inceptionv1"]
+           "to_flat_state_dict", "lucent_layer_table", "lucent_key_map", "lucent_layer_aliases",
+           "read_labels", "inceptionv1"]
 
 NUM_LOGITS = 1008
 LRN = dict(size=9, alpha=9.99999974738e-05, beta=0.5, k=1.0)
@@ -133,7 +145,8 @@ class InceptionV1(nn.Module):
             block = Mixed(cin, *ch)
             self.add_module(name, block)
             cin = block.out_channels
-        self.softmax2 = nn.Linear(cin, num_classes)
+        self.softmax2_pre_activation = nn.Linear(cin, num_classes)
+        self.softmax2 = nn.Softmax(dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool0(self.conv2d0(x))
@@ -145,83 +158,142 @@ class InceptionV1(nn.Module):
             elif name == "mixed5a":
                 x = self.maxpool10(x)
             x = getattr(self, name)(x)
-        return self.softmax2(x.mean(dim=(2, 3)))
+        logits = self.softmax2_pre_activation(x.mean(dim=(2, 3)))
+        self.softmax2(logits)  # Lucid's "softmax2": computed so that hooks can read it; not returned
+        return logits
 
 
-def _flat_to_module(stem: str) -> str | None:
-    """Flat port name (without .weight/.bias) -> our module path, None if not a known layer."""
-    stem = re.sub(r"_pre_relu_conv$", "", stem)
-    if stem in ("softmax2", "softmax2_pre_activation_matmul"):
-        return "softmax2"
-    if stem in ("conv2d0", "conv2d1", "conv2d2"):
-        return f"{stem}.conv"
-    m = re.fullmatch(r"(mixed\d[a-e])_(\w+)", stem)
-    if m and m.group(1) in MIXED_CHANNELS and m.group(2) in _BRANCHES:
-        branch = m.group(2)
-        return f"{m.group(1)}.{'pool_reduce' if branch == 'pool_reduce' else 'conv_' + branch}.conv"
-    return None
+# ---------------------------------------------------------------- key layouts and layer names
+
+def _branch_module(branch: str) -> str:
+    return "pool_reduce" if branch == "pool_reduce" else f"conv_{branch}"
+
+
+def lucent_layer_table() -> list[tuple[str, str]]:
+    """(lucent module name, our module path) of every layer with weights, in forward order.
+
+    lucent's InceptionV1 names its convs ``<layer>_pre_relu_conv`` and its last Linear
+    ``softmax2_pre_activation_matmul``; its state dict keys are these names + ``.weight``/``.bias``.
+    The one table from which weight keys (`lucent_key_map`) and layer aliases
+    (`lucent_layer_aliases`) are both derived.
+    """
+    rows = [(f"{n}_pre_relu_conv", f"{n}.conv") for n in ("conv2d0", "conv2d1", "conv2d2")]
+    for block in MIXED_LAYERS:
+        rows += [(f"{block}_{b}_pre_relu_conv", f"{block}.{_branch_module(b)}.conv") for b in _BRANCHES]
+    rows.append(("softmax2_pre_activation_matmul", "softmax2_pre_activation"))
+    return rows
+
+
+def _flat_stem(lucent: str) -> str:
+    """lucent's name -> the flat port's (``mixed3a_1x1_pre_relu_conv`` -> ``mixed3a_1x1``)."""
+    return "softmax2" if lucent == "softmax2_pre_activation_matmul" else lucent.removesuffix("_pre_relu_conv")
+
+
+@functools.lru_cache(maxsize=1)
+def _layouts() -> dict[str, dict[str, str]]:
+    """Layout name -> {our state-dict key: that layout's key}, for lucent's, the flat and our own layout
+    (cached: never modify the result)."""
+    out: dict[str, dict[str, str]] = {"lucent": {}, "flat": {}, "own": {}}
+    for lucent, ours in lucent_layer_table():
+        for leaf in ("weight", "bias"):
+            key = f"{ours}.{leaf}"
+            out["lucent"][key] = f"{lucent}.{leaf}"
+            out["flat"][key] = f"{_flat_stem(lucent)}.{leaf}"
+            out["own"][key] = key
+    return out
+
+
+def lucent_key_map() -> dict[str, str]:
+    """lucent's state-dict key -> ours (``mixed4c_3x3_pre_relu_conv.weight`` ->
+    ``mixed4c.conv_3x3.conv.weight``)."""
+    return {theirs: ours for ours, theirs in _layouts()["lucent"].items()}
+
+
+def lucent_layer_aliases() -> dict[str, str]:
+    """lucent's module names -> our module paths, derived from `lucent_layer_table`.
+
+    Each conv ``<layer>_pre_relu_conv`` -> ``<path>.conv`` and its ReLU ``<layer>`` -> ``<path>`` (the
+    `ConvReLU`); each block's ``<block>_pool`` -> ``<block>.pool``;
+    ``softmax2_pre_activation_matmul`` -> ``softmax2_pre_activation``. Names that already are our module
+    names (``conv2d0``, ``mixed4c``, ``maxpool4``, ``softmax2``) are left out.
+    """
+    aliases: dict[str, str] = {}
+    for lucent, ours in lucent_layer_table():
+        aliases[lucent] = ours
+        if ours.endswith(".conv"):
+            aliases[lucent.removesuffix("_pre_relu_conv")] = ours.removesuffix(".conv")
+    for block in MIXED_LAYERS:
+        aliases[f"{block}_pool"] = f"{block}.pool"
+    return {a: t for a, t in aliases.items() if a != t}
 
 
 def map_flat_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict in the flat PyTorch-port layout (or ours) -> this module's keys.
+    """A state dict in lucent's, the flat port's or our own layout -> this module's keys.
 
     Auxiliary-classifier keys (``head0_*``, ``nn0*``, ``softmax0*``, ``head1_*``, ``nn1*``,
-    ``softmax1*``) are dropped; keys already in our layout pass through; others are logged and dropped.
+    ``softmax1*``) and keys of no known layout are dropped (`_load_into` reports the latter).
     """
-    own_prefixes = ("conv2d0.", "conv2d1.", "conv2d2.", "softmax2.") + tuple(f"{n}." for n in MIXED_LAYERS)
-    out, unknown = {}, []
-    for key, value in state.items():
-        if key.startswith(_AUX_PREFIXES):
-            continue
-        stem, _, leaf = key.rpartition(".")
-        target = _flat_to_module(stem) if leaf in ("weight", "bias") else None
-        if target is not None:
-            out[f"{target}.{leaf}"] = value
-        elif key.startswith(own_prefixes):
-            out[key] = value
-        else:
-            unknown.append(key)
-    if unknown:
-        log.warning("ignoring %d unknown InceptionV1 weight keys, e.g. %s", len(unknown), unknown[:5])
-    return out
+    return {ours: state[theirs] for ours, theirs in _match_keys(state)[0].items()}
 
 
-def to_flat_state_dict(model_or_state: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _match_keys(state) -> tuple[dict[str, str], list[str]]:
+    """({our key: the file's key}, [the file's keys of no known layout]) for a state dict."""
+    lookup = {}
+    for layout in _layouts().values():
+        for ours, theirs in layout.items():
+            lookup.setdefault(theirs, ours)
+    matched, unknown = {}, []
+    for key in state:
+        ours = lookup.get(key)
+        if ours is not None and ours not in matched:
+            matched[ours] = key
+        elif not key.startswith(_AUX_PREFIXES):
+            unknown.append(key)  # unknown, or a second key for the same weight
+    return matched, unknown
+
+
+def to_flat_state_dict(model_or_state: nn.Module | dict[str, torch.Tensor],
+                       layout: str = "flat") -> dict[str, torch.Tensor]:
     """Our keys -> the flat port layout (``conv2d0.weight``, ``mixed3a_3x3_bottleneck.bias``,
-    ``softmax2.weight``...); the inverse of `map_flat_keys`. Tensors are shared, not copied."""
+    ``softmax2.weight``...) or, with ``layout="lucent"``, lucent's (``conv2d0_pre_relu_conv.weight``,
+    ..., ``softmax2_pre_activation_matmul.bias``); the inverse of `map_flat_keys`. Tensors are shared."""
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
-    out = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        if parts[0] == "softmax2":
-            out[key] = value
-        elif parts[0] in ("conv2d0", "conv2d1", "conv2d2"):
-            out[f"{parts[0]}.{parts[-1]}"] = value
-        elif parts[0] in MIXED_CHANNELS:
-            branch = parts[1].removeprefix("conv_")
-            out[f"{parts[0]}_{branch}.{parts[-1]}"] = value
-        else:
-            raise ValueError(f"unexpected InceptionV1 key {key!r}")
-    return out
+    names = _layouts()[layout]
+    unknown = [k for k in state if k not in names]
+    if unknown:
+        raise ValueError(f"unexpected InceptionV1 keys {unknown[:3]}")
+    return {names[k]: v for k, v in state.items()}
+
+
+def _guess_layout(keys) -> str:
+    keys = set(keys)
+    hits = {name: len(keys & set(lay.values())) for name, lay in _layouts().items()}
+    return max(hits, key=lambda n: (hits[n], n == "lucent"))
 
 
 def _load_into(model: InceptionV1, state: dict[str, torch.Tensor], source: str) -> None:
-    state = map_flat_keys(state)
+    """Load `state` (any layout `map_flat_keys` reads) into `model`; one-line ModelError when it is not
+    this network's state dict: names the first missing, unexpected and mis-shaped keys."""
+    matched, unknown = _match_keys(state)
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    if missing:
-        raise UserError(
-            f"{source} is not an InceptionV1 state dict this model understands: {len(missing)} of "
-            f"{len(own)} required keys missing, e.g. {missing[:5]}. Expected the flat layout "
-            "(conv2d0.weight, mixed3a_1x1.weight, ..., softmax2.weight) or this model's own keys."
-        )
-    bad = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
-    if bad:
-        raise UserError(
-            f"{source}: {len(bad)} weight shapes differ from InceptionV1, e.g. {bad[0]}: file "
-            f"{tuple(state[bad[0]].shape)} vs model {tuple(own[bad[0]].shape)}"
-        )
-    model.load_state_dict({k: state[k] for k in own}, strict=True)
+    spell = _layouts()[_guess_layout(state)]
+    missing = [k for k in own if k not in matched]
+    shapes = [k for k in own if k in matched and tuple(own[k].shape) != tuple(state[matched[k]].shape)]
+    if missing or unknown or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of {len(own)} keys missing, first "
+                         + ", ".join(spell[k] for k in missing[:3]))
+        if unknown:
+            parts.append(f"{len(unknown)} unexpected keys, first " + ", ".join(unknown[:3]))
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} shapes differ, first {matched[k]} {tuple(state[matched[k]].shape)} "
+                         f"(expected {tuple(own[k].shape)})")
+        raise ModelError(f"{source} is not lucent's/Lucid's InceptionV1 state dict: {'; '.join(parts)}. "
+                         "Expected lucent's keys (conv2d0_pre_relu_conv.weight, ..., "
+                         "softmax2_pre_activation_matmul.bias)")
+    model.load_state_dict({k: state[matched[k]] for k in own}, strict=True)
 
 
 @torch.no_grad()
@@ -237,46 +309,92 @@ def _random_init(model: nn.Module, seed: int = 0) -> None:
                 mod.bias.zero_()
 
 
-def read_labels(path: str | Path, n: int = NUM_LOGITS) -> tuple[list[str], list[str] | None]:
-    """Class names (and wnids) for the 1008 logits from a text file.
+# ---------------------------------------------------------------- labels
 
-    One label per line, either ``name`` or ``wnid name`` (wnid like ``n01440764``). 1001 lines (Lucid's
-    ``dummy`` + 1000 classes) or 1008 lines are accepted; names are padded to `n` with ``unused_{i}``.
-    Returns (names, wnids); wnids is None when no line gives one ("" where a line lacks one).
+_INDEXED = re.compile(r"(n\d{8})\s+(\d+)\s+(\S.*)")
+_WNID_NAME = re.compile(r"(n\d{8})\s+(\S.*)")
+_PLACEHOLDERS = ("dummy", "background")
+
+
+def read_labels(path: str | Path, n: int = NUM_LOGITS) -> tuple[list[str], list[str] | None]:
+    """Class names (and wnids) for the `n` (1008) logits from a text file.
+
+    Accepted formats:
+
+    - lucent's list: lines ``wnid index name`` (``n10565667 982 scuba diver``), the index being the
+      logit (1..1000 in Lucid's alternate order, no dummy line); logit 0 is named ``dummy``. Lines that
+      are only ``dummy`` or ``background`` may be mixed in and are ignored.
+    - one label per logit, in logit order, each ``name`` or ``wnid name``: 1001 lines (Lucid's
+      alternate list: ``dummy`` + 1000 classes, as ``ImageNet_alternate.txt`` and the article's
+      ``labels--model-InceptionV1.txt``) or `n` lines (Lucid's padded list).
+
+    Logits no line names are ``unused_{i}`` (1001..1007 in Lucid's model). Returns (names, wnids);
+    wnids is None when no line gives one ("" where a line lacks one).
+
+    Raises:
+        ModelError: unreadable file; a count that fits no format (the message gives both counts); an
+            index outside the logits or given twice.
     """
     try:
         lines = [ln.strip() for ln in Path(path).read_text("utf-8").splitlines()]
-    except OSError as e:
-        raise UserError(f"cannot read labels file {path}: {e}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"cannot read labels file {path}: {e}") from e
     while lines and not lines[-1]:
         lines.pop()
+    names = [f"unused_{i}" for i in range(n)]
+    wnids = [""] * n
+    indexed = [_INDEXED.fullmatch(ln) for ln in lines]
+    if any(indexed):
+        names[0] = "dummy"
+        seen: dict[int, int] = {}
+        for lineno, (line, m) in enumerate(zip(lines, indexed), start=1):
+            if m is None:
+                if line.lower() in _PLACEHOLDERS:
+                    continue
+                raise ModelError(f"labels file {path}: line {lineno} ({line!r}) is not 'wnid index name' "
+                                 "like the other lines")
+            idx = int(m.group(2))
+            if idx >= n:
+                raise ModelError(f"labels file {path}: line {lineno} names logit {idx}, but the model "
+                                 f"has {n} logits")
+            if idx in seen:
+                raise ModelError(f"labels file {path}: logit {idx} is named twice (lines {seen[idx]} "
+                                 f"and {lineno})")
+            seen[idx] = lineno
+            wnids[idx], names[idx] = m.group(1), m.group(3).strip()
+        return names, wnids
     if len(lines) not in (1001, n):
-        raise UserError(f"labels file {path} has {len(lines)} lines; expected 1001 (Lucid's "
-                        f"'dummy' + 1000 classes) or {n}")
-    names, wnids = [], []
-    for line in lines:
-        m = re.fullmatch(r"(n\d{8})\s+(.+)", line)
-        wnids.append(m.group(1) if m else "")
-        names.append(m.group(2).strip() if m else line)
-    names += [f"unused_{i}" for i in range(len(names), n)]
-    wnids += [""] * (n - len(wnids))
+        raise ModelError(f"labels file {path} has {len(lines)} labels but the model has {n} logits: "
+                         f"expected {n} lines, 1001 (Lucid's 'dummy' + 1000 classes) or lucent's lines "
+                         "'wnid index name'")
+    for i, line in enumerate(lines):
+        m = _WNID_NAME.fullmatch(line)
+        wnids[i] = m.group(1) if m else ""
+        names[i] = m.group(2).strip() if m else line
     return names, (wnids if any(wnids) else None)
 
 
-@register("inceptionv1", "GoogLeNet as in Lucid (mixed3a..mixed5b); weights from --weights FILE or URL")
+# ---------------------------------------------------------------- the factory
+
+@register("inceptionv1", "GoogLeNet as in Lucid (mixed3a..mixed5b); weights from --weights FILE, URL or "
+                         "inception5h (lucent's file)")
 def inceptionv1(weights: str | None = None, sha256: str | None = None,
                 cache_dir: str | Path | None = None, labels: str | Path | None = None) -> ModelSpec:
     """Lucid's InceptionV1 (the article's model).
 
     Args:
-        weights: a state dict file or URL (flat port layout or ours); None builds a random-init model
-            (seed 0, for tests and plumbing only: a warning says results are meaningless).
+        weights: a state dict file, a URL, or a named source (``"inception5h"``: the public PyTorch
+            conversion lucent downloads; see `actatlas.models.weights.WEIGHT_SOURCES`); any key layout
+            `map_flat_keys` reads. None builds a random-init model (seed 0, for tests and plumbing
+            only: a warning says results are meaningless).
         sha256: expected checksum of `weights`.
         cache_dir: download cache for URL weights (default ``$ACTATLAS_CACHE`` or ~/.cache/actatlas).
         labels: optional text file naming the 1008 logits (see `read_labels`); else ``class_{i}``.
 
     Returns a ModelSpec: the whole image squashed to 224x224 bilinear, scaled to [-117, 138]; logits
-    [b, 1008]; default layer ``mixed4c``.
+    [b, 1008]; default layer ``mixed4c``; layer aliases ``logits`` (= ``softmax2_pre_activation``) and
+    lucent's layer names (`lucent_layer_aliases`); ``info["redirected_relu"]`` True (icons are rendered
+    with Lucid's redirected ReLU gradient unless the render settings say otherwise).
     """
     from .weights import fetch_weights, load_state_dict, sha256_file
 
@@ -294,12 +412,14 @@ def inceptionv1(weights: str | None = None, sha256: str | None = None,
         info = {"weights": str(path), "source": str(weights), "sha256": sha256_file(path)}
     model.eval()
     if labels is not None:
-        names, wnids = read_labels(labels)
+        names, wnids = read_labels(labels, NUM_LOGITS)
         info["labels"] = str(labels)
     else:
         names, wnids = [f"class_{i}" for i in range(NUM_LOGITS)], None
+    info["redirected_relu"] = True  # Lucid's and lucent's default for feature visualization
     aliases = {name: name for name in MIXED_LAYERS}
-    aliases["logits"] = "softmax2"
+    aliases["logits"] = "softmax2_pre_activation"
+    aliases.update(lucent_layer_aliases())
     return ModelSpec(
         name="inceptionv1",
         module=model,

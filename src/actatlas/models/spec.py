@@ -7,6 +7,7 @@ model's class name (design.md).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..errors import UserError
+from ..errors import ModelError, UserError
 
 _INTERP = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -179,9 +180,10 @@ class ModelSpec:
         return module_name
 
     def class_index(self, key: str | int) -> int:
-        """Resolve a class given by index, wnid or name (case-insensitive; spaces or underscores).
+        """Resolve a class given by index, wnid or name (case-insensitive; spaces or underscores), e.g.
+        ``"scuba diver"``, ``"scuba_diver"`` or ``"n10565667"``.
 
-        Raises UserError with "did you mean" suggestions for near misses or ambiguous names.
+        Raises ModelError with "did you mean" suggestions for near misses or ambiguous names.
         """
         return resolve_class(key, self.class_names, self.wnids)
 
@@ -197,28 +199,38 @@ class ModelSpec:
 
 
 def resolve_class(key: str | int, names: Sequence[str], wnids: Sequence[str] | None = None) -> int:
-    """See `ModelSpec.class_index`."""
+    """See `ModelSpec.class_index`.
+
+    Raises:
+        ModelError: an index out of range, an unknown name (with "did you mean" suggestions) or a name
+            that several logits carry (the message lists their indices and wnids).
+    """
     import difflib
 
     n = len(names)
     if isinstance(key, (int, np.integer)) or (isinstance(key, str) and key.strip().lstrip("-").isdigit()):
         idx = int(key)
         if not 0 <= idx < n:
-            raise UserError(f"class index {idx} out of range [0, {n})")
+            raise ModelError(f"class index {idx} out of range [0, {n})")
         return idx
     text = str(key).strip()
-    if wnids is not None and text in wnids:
-        return list(wnids).index(text)
-    norm = lambda s: s.lower().replace("_", " ").strip()  # noqa: E731
+    if wnids is not None and text:
+        if text in wnids:
+            return list(wnids).index(text)
+        if re.fullmatch(r"[nN]\d{8}", text):  # a wnid with a capital N
+            hits = [i for i, w in enumerate(wnids) if w.lower() == text.lower()]
+            if hits:
+                return hits[0]
+    norm = lambda s: " ".join(s.lower().replace("_", " ").split())  # noqa: E731
     matches = [i for i, nm in enumerate(names) if norm(nm) == norm(text)]
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
-        options = ", ".join(f"{i}" + (f" ({wnids[i]})" if wnids else "") for i in matches)
-        raise UserError(f"class name {text!r} is ambiguous: use an index or wnid: {options}")
+        options = ", ".join(f"{i}" + (f" ({wnids[i]})" if wnids and wnids[i] else "") for i in matches)
+        raise ModelError(f"class name {text!r} is ambiguous: use an index or wnid: {options}")
     close = difflib.get_close_matches(norm(text), [norm(s) for s in names], n=5, cutoff=0.6)
     hint = f"; did you mean: {', '.join(close)}?" if close else ""
-    raise UserError(f"unknown class {text!r}{hint}")
+    raise ModelError(f"unknown class {text!r}{hint}")
 
 
 def imagenet_classes() -> tuple[list[str], list[str]]:

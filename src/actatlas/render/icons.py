@@ -31,6 +31,7 @@ from ._forward import forward_to_layers, frozen, model_input
 from .objectives import center_vectors, boundary_penalty, direction, direction_cossim, target_vectors
 from .optimize import optimize
 from .params import FFTImage
+from .redirect import uses_redirected_relu
 from .transforms import make_transforms
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ class RenderConfig:
         seed: base seed for spectra and transform draws.
         device: torch device for the images; None = the model's device.
         per_sample_transforms: draw transforms per image instead of once per batch.
+        redirected_relu: Lucid's redirected ReLU gradient during the first 17 steps (`render.redirect`):
+            True or False, or None for the model's default (``spec.info["redirected_relu"]``: on for
+            inceptionv1 as in Lucid's and lucent's rendering, off for every other model).
     """
 
     steps: int = 128
@@ -74,6 +78,7 @@ class RenderConfig:
     seed: int = 0
     device: str | None = None
     per_sample_transforms: bool = False
+    redirected_relu: bool | None = None
 
     def __post_init__(self):
         bad = []
@@ -86,6 +91,8 @@ class RenderConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float, np.floating)) or not math.isfinite(v) or v < 0 or (lo_open and v == 0):
                 bad.append(f"{name}={v!r} must be a finite number {'> 0' if lo_open else '>= 0'}")
+        if self.redirected_relu is not None and not isinstance(self.redirected_relu, (bool, np.bool_)):
+            bad.append(f"redirected_relu={self.redirected_relu!r} must be True, False or None (the model's default)")
         if bad:
             raise ConfigError("invalid render setting: " + "; ".join(bad))
         if self.transforms not in ("recipe", "notebook", "none"):
@@ -235,6 +242,7 @@ def render_icons(spec: ModelSpec, layer: str, directions: np.ndarray, cfg: Rende
     device = torch.device(cfg.device) if cfg.device else spec.device
     m, P, A = len(dirs), cfg.icon_size, cfg.attempts
     transforms = make_transforms(cfg.transforms, P, cfg.per_sample_transforms)
+    redirect = uses_redirected_relu(cfg.redirected_relu, spec.info)
 
     images = np.zeros((m, P, P, 3), dtype=np.uint8)
     attempts_obj = np.full((A, m), -np.inf, dtype=np.float64)
@@ -259,7 +267,7 @@ def render_icons(spec: ModelSpec, layer: str, directions: np.ndarray, cfg: Rende
                 gen = torch.Generator().manual_seed(_seed(cfg.seed, a, k0))
                 param = FFTImage(k1 - k0, P, P, generator=gen, device=device)
                 res = optimize(spec, param, full, transforms, steps=cfg.steps, lr=cfg.lr,
-                               generator=gen, progress=False, record=main)
+                               generator=gen, progress=False, record=main, redirected_relu=redirect)
                 score = res.final_record
                 attempts_obj[a, k0:k1] = score
                 if best_imgs is None:

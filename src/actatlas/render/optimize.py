@@ -12,6 +12,7 @@ are those of the last step *before* its update, under that step's random transfo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from torch import nn
 from ..models.spec import ModelSpec
 from ._forward import forward_to_layers, frozen, model_input
 from .objectives import RenderContext, as_objective
+from .redirect import redirected_relu as redirect_relus
 from .transforms import Transform
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ def _context(spec: ModelSpec, objective_layers, img: torch.Tensor, transforms: T
 
 def optimize(spec: ModelSpec, param: nn.Module, objective, transforms: Transform | None = None,
              steps: int = 128, lr: float = 0.05, generator: torch.Generator | None = None,
-             progress: bool = True, record=None) -> OptimResult:
+             progress: bool = True, record=None, redirected_relu: bool = False) -> OptimResult:
     """Maximise `objective` over the parameters of `param` (method.md §1.10-1.11).
 
     Args:
@@ -105,7 +107,8 @@ def optimize(spec: ModelSpec, param: nn.Module, objective, transforms: Transform
     history: list[torch.Tensor] = []
     final = rec = None
     t0 = time.perf_counter()
-    with frozen(spec.module):
+    with frozen(spec.module), (redirect_relus(spec.module) if redirected_relu
+                               else contextlib.nullcontext()) as schedule:
         try:
             if steps == 0:
                 with torch.no_grad():
@@ -113,6 +116,8 @@ def optimize(spec: ModelSpec, param: nn.Module, objective, transforms: Transform
                     final = objective(ctx).detach()
                     rec = record(ctx).detach() if record is not None else None
             for i in range(steps):
+                if schedule is not None:
+                    schedule.set_step(i)
                 ctx = _context(spec, layers, param(), transforms, generator)
                 values = objective(ctx)
                 if values.dim() != 1:
