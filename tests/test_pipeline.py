@@ -195,3 +195,13 @@ def test_save_site_and_show_from_the_built_atlas(built, tmp_path):
     assert single.read_text().count("atlas-bundle") >= 1 and not (tmp_path / "one" / "manifest.json").exists()
     view = aa.show(built)
     assert isinstance(view, aa.AtlasView) and "<iframe" in view._repr_html_()
+
+
+def test_settings_added_later_keep_older_runs_hashes():
+    """A RenderConfig field added after runs were made (redirected_relu, default None = the model's own
+    default) must not change the render stage's hash of a run that never set it."""
+    from actatlas.pipeline import _config_dict
+
+    d = _config_dict(fast_render())
+    assert "redirected_relu" not in d and "device" not in d
+    assert _config_dict(fast_render(redirected_relu=True))["redirected_relu"] is True

@@ -114,10 +114,18 @@ class BuildReport:
 
 
 def _config_dict(cfg) -> dict:
+    """A stage's settings for its hash: without the process's device, and without settings added
+    later whose value is "as before" (so runs made before they existed keep their hashes)."""
     d = dataclasses.asdict(cfg)
     for k in ("device", "progress"):
         d.pop(k, None)
+    for k in ADDED_SETTINGS:
+        if d.get(k, "absent") is None:
+            d.pop(k)
     return d
+
+
+ADDED_SETTINGS = ("redirected_relu",)   # RenderConfig fields whose None default keeps older runs' hashes
 
 
 def check_layer(run: Run, layer: str | None) -> str:
@@ -401,7 +409,7 @@ def run_scores(run_dir: str | Path, layer: str, render: RenderResult, spec: Mode
                 icon_top=top_classes_of(icon_attr) if icon_attr is not None else None, icons=icons,
                 member=member, member_acts=member_acts,
                 member_top=_member_tops(run, layer, member) if with_attr else None,
-                patches=patches, patch_values=values[start:start + n], cfg=cfg)
+                patches=patches, patch_values=values[start:start + n], cfg=cfg, counts=lv.count)
             ensure_dir(out)
             save_npz_atomic(path(lv), **arrays)
 
