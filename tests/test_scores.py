@@ -19,8 +19,8 @@ from actatlas.models import load_model
 from actatlas.pipeline import run_render, run_scores
 from actatlas.render import centre_activations
 from actatlas.scores import (SCORE_KEYS, ScoreConfig, activation_scores, border_fill, centre_scores_inputs,
-                             class_agreement, colourfulness, contrast, cut_patch, retrieval_ranks, score_level,
-                             top_classes_of, vividness)
+                             class_agreement, colourfulness, contrast, cut_patch, leave_one_out_means,
+                             retrieval_ranks, score_level, top_classes_of, vividness)
 
 from conftest import fast_render, needs_browser
 
@@ -44,6 +44,17 @@ def test_retrieval_rank_of_a_constructed_case():
     assert np.isnan(s["class_agreement"]).all()                         # no attributions: not computed
     no_s = activation_scores(means, None, own, means, None, np.zeros((12, 0), np.int64))
     assert (no_s["retrieval_rank_whitened"] == -1).all()
+
+
+def test_leave_one_out_rank_does_not_count_the_member_in_its_own_mean():
+    a, b = np.array([1.0, 0.0]), np.array([1.0, 2.0])
+    means = np.stack([(a + b) / 2, [1.0, 1.2]])                        # cell 0 = {a, b}; cell 1 elsewhere
+    counts = np.array([2, 9])
+    assert retrieval_ranks(a[None], [0], means)[0] == 1                # a is half of its own cell's mean
+    loo = leave_one_out_means(means, counts, np.stack([a, means[1]]))
+    np.testing.assert_allclose(loo[0], b)
+    assert retrieval_ranks(a[None], [0], means, own_targets=loo[:1])[0] == 2
+    assert (leave_one_out_means(means, np.array([1, 1]), means) == means).all()   # a cell of one keeps its mean
 
 
 def test_class_agreement_and_top_classes():
@@ -162,6 +173,8 @@ def test_scores_land_in_level_json_and_summary(tiny_run):
         assert sc["icons"]["retrieval_at1_raw"] == pytest.approx((ranks == 1).mean(), abs=1e-4)
         mranks = np.array([c["member_retrieval_rank_whitened"] for c in cells])
         assert sc["members"]["retrieval_at5_whitened"] == pytest.approx((mranks <= 5).mean(), abs=1e-4)
+        loo = np.array([c["member_retrieval_rank_raw_loo"] for c in cells])
+        assert sc["members"]["retrieval_at1_raw_loo"] == pytest.approx((loo == 1).mean(), abs=1e-4)
         assert sc["icons"]["objective_alignment"] == pytest.approx(entry["icon_objective_alignment"], abs=1e-4)
         assert entry["icon_fidelity"] == entry["icon_objective_alignment"]          # the old key, kept
         assert sc["patches"]["colourfulness"] > 0
@@ -189,6 +202,9 @@ def test_member_baseline_in_a_run_is_measured_as_the_icons_are(tiny_run, tiny_sp
             assert member[c] in g.members(c)
         np.testing.assert_array_equal(s["member_retrieval_rank_raw"],
                                       retrieval_ranks(acts[member], np.arange(len(member)), g.mean_activation))
+        loo = leave_one_out_means(g.mean_activation, g.count, acts[member])
+        np.testing.assert_array_equal(s["member_retrieval_rank_raw_loo"],
+                                      retrieval_ranks(acts[member], np.arange(len(member)), g.mean_activation, loo))
         np.testing.assert_allclose(s["member_class_agreement"],
                                    class_agreement(top_classes_of(full[member]), g.top_classes[:, :5]))
         P = lv.icon_size

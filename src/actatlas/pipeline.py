@@ -38,6 +38,7 @@ from .render import RenderConfig, fidelity_of_activations
 from .render.icons import render_icon_batch
 from .run import Run, load_run_model, open_run
 from .runtime import Runtime
+from .scores import VERSION as SCORES_VERSION
 from .scores import (TOP, ScoreConfig, centre_scores_inputs, patch_vividness, sample_members, score_level,
                      summarize_level, top_classes_of)
 from .stages import StageReport, config_hash, read_manifest, run_stage, stage_hash, update_manifest
@@ -359,7 +360,7 @@ def run_scores(run_dir: str | Path, layer: str, render: RenderResult, spec: Mode
     run = open_run(run_dir)
     layer = check_layer(run, layer)
     cfg = cfg or ScoreConfig()
-    record = {"render": render.report.hash, "scores": dataclasses.asdict(cfg)}
+    record = {"render": render.report.hash, "scores": dataclasses.asdict(cfg), "version": SCORES_VERSION}
     out = run_dir / "scores" / layer_dirname(layer)
     levels = load_grid(run_dir / "grid", layer)
 

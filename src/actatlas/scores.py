@@ -42,6 +42,7 @@ from .render import forward_to_layers, model_input
 
 log = logging.getLogger(__name__)
 
+VERSION = 2           # of the scores' definitions: part of the scores stage's key, so a change reruns it
 TOP = 5               # classes compared by class agreement
 GREY = 127.5          # the flat grey an unoptimised icon shows (sigmoid(0) of the FFT parameterisation)
 
@@ -49,12 +50,13 @@ GREY = 127.5          # the flat grey an unoptimised icon shows (sigmoid(0) of t
 ICON_KEYS = ("retrieval_rank_raw", "retrieval_rank_whitened", "class_agreement", "colourfulness", "contrast",
              "border_fill")
 MEMBER_KEYS = ("member_row", "member_retrieval_rank_raw", "member_retrieval_rank_whitened",
-               "member_class_agreement", "member_colourfulness", "member_contrast", "member_border_fill",
+               "member_retrieval_rank_raw_loo", "member_retrieval_rank_whitened_loo", "member_class_agreement", "member_colourfulness", "member_contrast", "member_border_fill",
                "member_objective_alignment")
 PATCH_KEYS = ("patch_colourfulness", "patch_contrast", "patch_border_fill", "patch_count")
 SCORE_KEYS = ICON_KEYS + MEMBER_KEYS + PATCH_KEYS
 INT_KEYS = ("retrieval_rank_raw", "retrieval_rank_whitened", "member_row", "member_retrieval_rank_raw",
-            "member_retrieval_rank_whitened", "patch_count")
+            "member_retrieval_rank_whitened", "member_retrieval_rank_raw_loo", "member_retrieval_rank_whitened_loo",
+            "patch_count")
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,12 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.where(n > 0, n, 1.0)
 
 
-def retrieval_ranks(h: np.ndarray, own: np.ndarray, targets: np.ndarray, chunk: int = 1024) -> np.ndarray:
+def retrieval_ranks(h: np.ndarray, own: np.ndarray, targets: np.ndarray, own_targets: np.ndarray | None = None,
+                    chunk: int = 1024) -> np.ndarray:
     """int64 [n]: rank (1 = best) of cell own[k] among all rows of targets [m, c] by cos(h[k], target);
-    the rank is 1 + the number of cells with a strictly higher cosine than the own cell's."""
+    the rank is 1 + the number of cells with a strictly higher cosine than the own cell's.
+    `own_targets` [n, c]: row k's own cell is represented by own_targets[k] instead of targets[own[k]]
+    (e.g. the cell's mean without the member itself)."""
     h, targets = np.asarray(h), np.asarray(targets)
     own = np.asarray(own, np.int64)
     if h.ndim != 2 or targets.ndim != 2 or h.shape[1] != targets.shape[1] or len(own) != len(h):
@@ -95,8 +100,14 @@ def retrieval_ranks(h: np.ndarray, own: np.ndarray, targets: np.ndarray, chunk: 
     t = _unit_rows(targets)
     out = np.empty(len(h), np.int64)
     for a in range(0, len(h), chunk):
-        sims = _unit_rows(h[a:a + chunk]) @ t.T
-        mine = sims[np.arange(len(sims)), own[a:a + chunk]]
+        hu = _unit_rows(h[a:a + chunk])
+        sims = hu @ t.T
+        rows = np.arange(len(sims))
+        if own_targets is None:
+            mine = sims[rows, own[a:a + chunk]]
+        else:
+            mine = np.sum(hu * _unit_rows(np.asarray(own_targets)[a:a + chunk]), axis=1)
+            sims[rows, own[a:a + chunk]] = -np.inf
         out[a:a + chunk] = 1 + (sims > mine[:, None]).sum(axis=1)
     return out
 
@@ -133,16 +144,20 @@ def cosine_rows(h: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def activation_scores(h: np.ndarray, top: np.ndarray | None, own: np.ndarray, means: np.ndarray,
-                      S: np.ndarray | None, cell_top: np.ndarray) -> dict[str, np.ndarray]:
+                      S: np.ndarray | None, cell_top: np.ndarray,
+                      own_means: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The activation-side scores of activations h [n, c] standing for cells `own` [n] of a level with
     cell means [m, c], whitening S, and cell classes cell_top [m, k]; `top` [n, k'] the classes of
     each row's own attribution (None: no attributions). The one function for icons and members:
     {"retrieval_rank_raw", "retrieval_rank_whitened" (-1 without S), "class_agreement" (NaN without
-    attributions), "objective_alignment" (cos to own mean @ S, or own mean)}."""
+    attributions), "objective_alignment" (cos to own mean @ S, or own mean)}. With `own_means` [n, c]
+    (the own cell's mean without the row itself) the ranks use it for the own cell (`retrieval_ranks`)."""
     own = np.asarray(own, np.int64)
     white = whitened_targets(means, S)
-    raw_rank = retrieval_ranks(h, own, means)
-    white_rank = retrieval_ranks(h, own, white) if white is not None else np.full(len(own), -1, np.int64)
+    own_white = whitened_targets(own_means, S) if own_means is not None else None
+    raw_rank = retrieval_ranks(h, own, means, own_means)
+    white_rank = (retrieval_ranks(h, own, white, own_white) if white is not None
+                  else np.full(len(own), -1, np.int64))
     cells = np.asarray(cell_top)[own] if len(own) else np.zeros((0, 0), np.int64)
     agree = class_agreement(top, cells) if top is not None else np.full(len(own), np.nan)
     target = (white if white is not None else np.asarray(means, np.float64))[own]
@@ -318,10 +333,19 @@ def centre_scores_inputs(spec: ModelSpec, layer: str, images: np.ndarray, attrib
 # one level
 
 
+def leave_one_out_means(means: np.ndarray, counts: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """float64 [m, c]: each cell's mean without its member h[k] ((n mean - h) / (n - 1)); the mean
+    itself for a cell of one."""
+    n = np.asarray(counts, np.float64)[:, None]
+    means, h = np.asarray(means, np.float64), np.asarray(h, np.float64)
+    return np.where(n > 1, (means * n - h) / np.maximum(n - 1, 1), means)
+
+
 def score_level(*, means: np.ndarray, cell_top: np.ndarray, S: np.ndarray | None,
                 icon_acts: np.ndarray, icon_top: np.ndarray | None, icons: np.ndarray,
                 member: np.ndarray, member_acts: np.ndarray, member_top: np.ndarray | None,
-                patches: Sequence[np.ndarray], patch_values: np.ndarray, cfg: ScoreConfig) -> dict[str, np.ndarray]:
+                patches: Sequence[np.ndarray], patch_values: np.ndarray, cfg: ScoreConfig,
+                counts: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Every per-cell score array (`SCORE_KEYS`) of a level of m cells.
 
     means [m, c] cell mean activations, cell_top [m, k] the cells' top classes, S whitening (None: no
@@ -329,13 +353,22 @@ def score_level(*, means: np.ndarray, cell_top: np.ndarray, S: np.ndarray | None
     activations and attribution classes, icons uint8 [m, P, P, 3]; member [m] run rows of the random
     members, member_acts [m, c] their activations, member_top [m, 5] their stored attributions'
     classes; patches [m] lists of the sampled member rows (the member's patch first) and
-    patch_values [sum(len), 3] (colourfulness, contrast, border fill) of those patches in order.
+    patch_values [sum(len), 3] (colourfulness, contrast, border fill) of those patches in order;
+    counts [m] the cells' sample counts (for the members' leave-one-out ranks; -1 without).
     The icon and member columns come from the same two functions (`activation_scores`, `vividness`).
+    The member is one of the samples its cell mean averages (the icon is not), which favours it on
+    small cells; the ``_loo`` ranks rank it against its cell's mean without itself.
     """
     m = len(means)
     own = np.arange(m)
     ic = activation_scores(icon_acts, icon_top, own, means, S, cell_top)
     mb = activation_scores(member_acts, member_top, own, means, S, cell_top)
+    if counts is not None and m:
+        loo = activation_scores(member_acts, None, own, means, S, cell_top,
+                                own_means=leave_one_out_means(means, counts, member_acts))
+        loo_raw, loo_white = loo["retrieval_rank_raw"], loo["retrieval_rank_whitened"]
+    else:
+        loo_raw = loo_white = np.full(m, -1, np.int64)
     vv = vividness(icons, cfg.frame, cfg.grey_tol) if m else {k: np.zeros(0) for k in
                                                                ("colourfulness", "contrast", "border_fill")}
     counts = np.array([len(p) for p in patches], np.int64)
@@ -356,6 +389,7 @@ def score_level(*, means: np.ndarray, cell_top: np.ndarray, S: np.ndarray | None
         "member_row": np.asarray(member, np.int64),
         "member_retrieval_rank_raw": mb["retrieval_rank_raw"],
         "member_retrieval_rank_whitened": mb["retrieval_rank_whitened"],
+        "member_retrieval_rank_raw_loo": loo_raw, "member_retrieval_rank_whitened_loo": loo_white,
         "member_class_agreement": mb["class_agreement"],
         "member_colourfulness": first[:, 0], "member_contrast": first[:, 1], "member_border_fill": first[:, 2],
         "member_objective_alignment": mb["objective_alignment"],
@@ -394,7 +428,10 @@ def summarize_level(scores: dict[str, np.ndarray], objective_alignment=None) -> 
     m = len(scores["retrieval_rank_raw"])
     return {"cells": int(m),
             "icons": _side(scores, "", objective_alignment if objective_alignment is not None else []),
-            "members": _side(scores, "member_", scores["member_objective_alignment"]),
+            "members": {**_side(scores, "member_", scores["member_objective_alignment"]),
+                        **{f"retrieval_at{k}_{kind}_loo": _at(scores[f"member_retrieval_rank_{kind}_loo"], k)
+                           for kind in ("raw", "whitened") for k in (1, 5)
+                           if f"member_retrieval_rank_{kind}_loo" in scores}},
             "patches": {"colourfulness": _mean(scores["patch_colourfulness"]),
                         "contrast": _mean(scores["patch_contrast"]),
                         "border_fill": _mean(scores["patch_border_fill"])}}
@@ -413,4 +450,5 @@ def score_value(key: str, v) -> int | float | None:
 __all__ = ["ScoreConfig", "SCORE_KEYS", "ICON_KEYS", "MEMBER_KEYS", "PATCH_KEYS", "retrieval_ranks",
            "whitened_targets", "top_classes_of", "class_agreement", "cosine_rows", "activation_scores",
            "colourfulness", "contrast", "border_fill", "vividness", "patch_box", "cut_patch", "patch_vividness",
-           "sample_members", "centre_scores_inputs", "score_level", "summarize_level", "score_value"]
+           "sample_members", "centre_scores_inputs", "leave_one_out_means", "score_level", "summarize_level",
+           "score_value"]

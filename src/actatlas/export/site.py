@@ -19,7 +19,8 @@ member patches. Patches of cell number c live in sheet ``c // patches.cells_per_
 honest icon scores (``actatlas.scores``) add the columns of `SCORE_COLUMNS` (null where not computed):
 ``rr`` / ``rw`` retrieval rank against the raw / whitened cell means, ``ca`` class agreement, ``cf``
 colourfulness, ``ct`` contrast, ``bf`` border fill of the icon; the same with an ``m`` prefix for the
-cell's random real member (``moa`` its objective alignment); ``pcf``, ``pct``, ``pbf`` the medians
+cell's random real member (``moa`` its objective alignment; ``mrrl`` / ``mrwl`` its ranks against its
+cell's mean without itself); ``pcf``, ``pct``, ``pbf`` the medians
 over the cell's real patches (``pn`` of them).
 
 Class heat (format 2, present when the run has attributions): the full mean attribution of every
@@ -361,6 +362,7 @@ SCORE_COLUMNS = {
     "rr": "retrieval_rank_raw", "rw": "retrieval_rank_whitened", "ca": "class_agreement",
     "cf": "colourfulness", "ct": "contrast", "bf": "border_fill",
     "mrr": "member_retrieval_rank_raw", "mrw": "member_retrieval_rank_whitened", "mca": "member_class_agreement",
+    "mrrl": "member_retrieval_rank_raw_loo", "mrwl": "member_retrieval_rank_whitened_loo",
     "mcf": "member_colourfulness", "mct": "member_contrast", "mbf": "member_border_fill",
     "moa": "member_objective_alignment",
     "pcf": "patch_colourfulness", "pct": "patch_contrast", "pbf": "patch_border_fill", "pn": "patch_count",

@@ -730,6 +730,9 @@
                     rank("rr"), rank("mrr"), ""));
       if (d.rw) rows.push(row("retrieval rank (whitened)", "the same against the whitened means (the renderer's targets)",
                               rank("rw"), rank("mrw"), ""));
+      if (d.mrrl) rows.push(row("member rank, itself left out", "the member's raw (whitened) rank against its cell's mean "
+                                + "without itself (the icon is never part of the mean)", "",
+                                rank("mrrl") + (d.mrwl ? " (" + rank("mrwl") + ")" : ""), ""));
       rows.push(row("class agreement", "share of the cell's top-5 classes among the top-5 of the own attribution",
                     fmt(col("ca")), fmt(col("mca")), ""));
       rows.push(row("colourfulness", "Hasler & Suesstrunk colourfulness (0-255 units)", fmt(col("cf")), fmt(col("mcf")), fmt(col("pcf"))));
