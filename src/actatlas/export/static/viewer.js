@@ -720,7 +720,7 @@
   function scoreTable(d, c) {
     var col = function (k) { return d[k] ? d[k][c] : undefined; };
     var rank = function (k) { var r = col(k); return r === null || r === undefined ? "\u2013" : r + " / " + d.i.length; };
-    var cell = function (x) { return '<td class="v">' + x + "</td>"; };
+    var cell = function (x) { return '<td class="v" style="white-space:nowrap">' + x + "</td>"; };
     var row = function (name, title, a, b, p) {
       return '<tr><td title="' + esc(title) + '">' + name + "</td>" + cell(a) + cell(b) + cell(p) + "</tr>";
     };
