@@ -122,8 +122,14 @@ def cmd_build(args) -> None:
 
     lines = [f"atlas of {s['model']} layer {s['layer']} from {s['samples']} samples:"]
     for lv in s["levels"]:
-        lines.append(f"  level {lv['size']:>3}: {lv['cells']:>5} cells, icon fidelity {r3(lv['icon_fidelity'])}, "
-                     f"best real member {r3(lv['member_fidelity'])}")
+        line = (f"  level {lv['size']:>3}: {lv['cells']:>5} cells, objective alignment: icons "
+                f"{r3(lv['icon_fidelity'])}, best real member {r3(lv['member_fidelity'])}")
+        sc = lv.get("scores") or {}
+        if sc.get("icons") and sc.get("members"):
+            ic, mb = sc["icons"], sc["members"]
+            line += (f"; retrieval@1 raw: icons {r3(ic.get('retrieval_at1_raw'))} / random member "
+                     f"{r3(mb.get('retrieval_at1_raw'))}")
+        lines.append(line)
     lines.append("stages run: " + (", ".join(s["stages_run"]) or "none (everything up to date)"))
     lines += [f"canvas level {g}: {p}" for g, p in s["pngs"].items()]
     emit(args, s, "\n".join(lines))

@@ -68,7 +68,7 @@ def cmd_class_atlas(args) -> None:
     head = [f"class atlas of {s['class']['name']} ({s['class']['index']}), layer {s['layer']}, filter "
             f"{s['filter']}: {s['rows']} rows, {s['cells']} cells of {s['grid']}x{s['grid']}"
             + ("" if v.ran else " (up to date: loaded, not recomputed)"),
-            f"  icon fidelity {s['mean_icon_fidelity']}, best real member {s['mean_member_fidelity']}"]
+            f"  objective alignment: icons {s['mean_icon_fidelity']}, best real member {s['mean_member_fidelity']}"]
     emit(args, _summary(v), _lines(v, head))
 
 
