@@ -102,6 +102,13 @@ def test_the_checks_see_cycles_and_private_imports():
     assert "actatlas.stages" in edges["actatlas.pipeline"]       # the walker finds real imports
 
 
+def test_the_raise_walker_sees_bare_errors_and_flags(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def g(x):\n    raise UserError(f'bad {x}: pick another with --port')\n"
+                 "def h():\n    raise ConfigError('per_image must be >= 1')\n")
+    assert _raises(f) == [("UserError", "bad  : pick another with --port"), ("ConfigError", "per_image must be >= 1")]
+
+
 def test_no_import_cycles():
     edges, _ = _imports(_modules())
     assert _cycles(edges) == []
@@ -110,6 +117,32 @@ def test_no_import_cycles():
 def test_no_imports_of_private_names():
     _, private = _imports(_modules())
     assert private == []
+
+
+def _raises(path: Path):
+    """(exception name, message text) of every ``raise Name(...)`` in a module (string parts joined)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and isinstance(node.exc.func, ast.Name):
+            text = " ".join(c.value for c in ast.walk(node.exc) if isinstance(c, ast.Constant)
+                            and isinstance(c.value, str))
+            out.append((node.exc.func.id, text))
+    return out
+
+
+def test_library_errors_are_typed_and_name_no_cli_flags():
+    """Library code raises a specific kind (ConfigError, DataError, ...), never the bare base, and its
+    messages name settings, not flags: only the cli/ package speaks of --flags."""
+    bare, flags = [], []
+    for p in PKG.rglob("*.py"):
+        if "cli" in p.relative_to(PKG).parts or p.name == "errors.py":
+            continue
+        for name, text in _raises(p):
+            if name == "UserError":
+                bare.append(str(p.relative_to(PKG)))
+            if re.search(r"(^|[\s(\'\"])--[a-z]", text):
+                flags.append((str(p.relative_to(PKG)), text[:80]))
+    assert bare == [] and flags == []
 
 
 # torch.set_num_threads / os.environ writes belong to Runtime.apply (and the Ray workers' start-up)

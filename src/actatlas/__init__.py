@@ -16,8 +16,8 @@ in ``actatlas.pipeline`` and the analysis views in ``actatlas.analysis``.
 """
 
 from .version import __version__
-from .errors import (ActatlasError, ConfigError, DataError, ModelError, RunLockedError, RunStateError,  # noqa: E402
-                     UserError)
+from .errors import (ActatlasError, ConfigError, DataError, ModelError, OutputPathError,  # noqa: E402
+                     RunLockedError, RunStateError, UserError)
 from .models import ModelSpec, Preprocess, list_models, load_model  # noqa: E402
 from .data import ImageSource, images  # noqa: E402
 from .hooks import capture, list_layers  # noqa: E402
@@ -37,5 +37,5 @@ __all__ = [
     "CollectConfig", "Runtime", "enable_numba_cache", "collect", "CollectResult", "open_run", "Run", "Rows",
     "load_model", "list_models", "ModelSpec", "Preprocess", "images", "ImageSource", "capture", "list_layers",
     "evaluate", "EvalResult", "UserError", "ActatlasError", "ConfigError", "DataError", "ModelError",
-    "RunStateError", "RunLockedError",
+    "RunStateError", "RunLockedError", "OutputPathError",
 ]

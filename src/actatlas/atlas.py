@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import UserError
+from .errors import ConfigError
 from .grid import level_to_records
 from .models import resolve_class
 from .scores import SCORE_KEYS, cut_patch, patch_box, score_value  # noqa: F401  (cut_patch, patch_box: a
@@ -102,7 +102,7 @@ class Atlas:
         for lv in self.levels:
             if lv.size == size:
                 return lv
-        raise UserError(f"no level {size}; levels: {[lv.size for lv in self.levels]}")
+        raise ConfigError(f"no level {size}; levels: {[lv.size for lv in self.levels]}")
 
     def class_heat(self, cls: str | int, level: int, *, mode: str = "weighted", sign: int = 1) -> np.ndarray:
         """float32 [cells] heat of class `cls` (name or index) over the cells of level `level` (a size G),
@@ -171,7 +171,7 @@ class Atlas:
     def load(cls, directory: str | Path) -> "Atlas":
         d = Path(directory)
         if not (d / "atlas.json").is_file():
-            raise UserError(f"{d} holds no atlas (atlas.json missing); run 'actatlas build' first")
+            raise ConfigError(f"{d} holds no atlas (atlas.json missing); run 'actatlas build' first")
         meta = json.loads((d / "atlas.json").read_text())
         levels = []
         for g in meta["levels"]:
@@ -225,9 +225,9 @@ def cell_winners(att: np.ndarray, sign: int = 1) -> np.ndarray:
 def class_heat_values(att: np.ndarray, cls: int, mode: str = "weighted", sign: int = 1) -> np.ndarray:
     """The heat of class `cls` from full mean attributions att [m, classes] (see `Atlas.class_heat`)."""
     if mode not in HEAT_MODES:
-        raise UserError(f"unknown heat mode {mode!r}; use one of {', '.join(HEAT_MODES)}")
+        raise ConfigError(f"unknown heat mode {mode!r}; use one of {', '.join(HEAT_MODES)}")
     if sign not in (1, -1):
-        raise UserError("sign must be 1 (positive influence) or -1 (negative influence)")
+        raise ConfigError("sign must be 1 (positive influence) or -1 (negative influence)")
     a = np.asarray(att[:, cls], np.float32)
     if mode == "attribution":
         return a.copy()
@@ -241,13 +241,13 @@ def class_heat_values(att: np.ndarray, cls: int, mode: str = "weighted", sign: i
 def _load_attributions(atlas: "Atlas", lv: AtlasLevel) -> np.ndarray:
     """float32 [m, classes] full mean attributions of `lv`'s cells from the run's grid artifacts."""
     if atlas.run_dir is None:
-        raise UserError("this atlas does not know its run (run_dir), so it has no per-cell attributions")
+        raise ConfigError("this atlas does not know its run (run_dir), so it has no per-cell attributions")
     p = Path(atlas.run_dir) / "grid" / layer_dirname(atlas.layer) / f"level-{lv.size}.npz"
     if not p.is_file():
-        raise UserError(f"no grid level {lv.size} for layer {atlas.layer!r} in {atlas.run_dir} ({p} missing)")
+        raise ConfigError(f"no grid level {lv.size} for layer {atlas.layer!r} in {atlas.run_dir} ({p} missing)")
     with np.load(p) as z:  # reads only the arrays named below
         if "mean_attribution" not in z.files:
-            raise UserError(f"{p} holds no attributions (the run was collected without them)")
+            raise ConfigError(f"{p} holds no attributions (the run was collected without them)")
         return _align(z["i"], z["j"], z["mean_attribution"], lv.i, lv.j)
 
 
@@ -261,6 +261,6 @@ def open_atlas(run_dir: str | Path, layer: str | None = None) -> Atlas:
     if layer is None:
         built = sorted(p for p in root.glob("*") if (p / "atlas.json").is_file()) if root.is_dir() else []
         if not built:
-            raise UserError(f"{run_dir} holds no assembled atlas; run 'actatlas build' first")
+            raise ConfigError(f"{run_dir} holds no assembled atlas; run 'actatlas build' first")
         return Atlas.load(built[0])
     return Atlas.load(atlas_dir(run_dir, layer))

@@ -27,7 +27,7 @@ import torch.autograd.forward_ad as fwAD
 
 from .batches import iter_batches
 from .data import ImageSource
-from .errors import ConfigError, UserError
+from .errors import ConfigError
 from .hooks import capture
 from .models.layers import smooth_maxpool_gradients
 from .models.spec import ModelSpec
@@ -89,26 +89,26 @@ class CollectConfig:
 
     def validate(self) -> None:
         if self.positions not in POSITIONS:
-            raise UserError(f"positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
+            raise ConfigError(f"positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
         if self.attributions not in ATTRIBUTIONS:
-            raise UserError(f"attributions must be one of {', '.join(ATTRIBUTIONS)}, not {self.attributions!r}")
+            raise ConfigError(f"attributions must be one of {', '.join(ATTRIBUTIONS)}, not {self.attributions!r}")
         for name in ("per_image", "batch_size", "shard_size", "topk", "loader_threads"):
             if getattr(self, name) < 1:
-                raise UserError(f"{name.replace('_', '-')} must be >= 1")
+                raise ConfigError(f"{name.replace('_', '-')} must be >= 1")
         if self.border < 0:
-            raise UserError("border must be >= 0")
+            raise ConfigError("border must be >= 0")
         if self.limit is not None and self.limit < 1:
-            raise UserError("limit must be >= 1")
+            raise ConfigError("limit must be >= 1")
         if self.activation_dtype not in ("float32", "float16"):
-            raise UserError("activation dtype must be float32 or float16")
+            raise ConfigError("activation dtype must be float32 or float16")
         if self.engine not in ENGINES:
-            raise UserError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
         if self.amp and self.attributions != "none":
-            raise UserError("amp applies to the plain forward only: use it with attributions='none' "
+            raise ConfigError("amp applies to the plain forward only: use it with attributions='none' "
                             "(attributions through a half-precision forward-mode pass were too inexact; "
                             "see docs/scale.md)")
         if self.ray_actors is not None and self.ray_actors < 1:
-            raise UserError("ray actors must be >= 1")
+            raise ConfigError("ray actors must be >= 1")
 
     # Fields that change the stored rows; the others (batch size, device, threads) do not.
     RESULT_FIELDS = ("layers", "positions", "per_image", "border", "attributions", "topk", "seed", "limit",
@@ -180,12 +180,12 @@ def layer_shapes(spec: ModelSpec, module_names: Sequence[str], device) -> dict[s
         spec.module(torch.zeros(1, 3, s, s, device=device))
     missing = [m for m in module_names if m not in got]
     if missing:
-        raise UserError(f"layer(s) {missing} produced no output in a forward pass of {spec.name}")
+        raise ConfigError(f"layer(s) {missing} produced no output in a forward pass of {spec.name}")
     shapes = {}
     for m in module_names:
         out = got[m]
         if not isinstance(out, torch.Tensor) or out.dim() not in (2, 4):
-            raise UserError(f"layer {m!r} outputs {type(out).__name__} of shape "
+            raise ConfigError(f"layer {m!r} outputs {type(out).__name__} of shape "
                             f"{getattr(out, 'shape', '?')}; need [b, c, h, w] or [b, d]")
         shapes[m] = tuple(out.shape[1:])
     return shapes

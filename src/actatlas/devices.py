@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import UserError
+from .errors import ConfigError, UserError
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -19,15 +19,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise UserError(f"device {device!r} is not a torch device ({exc}); e.g. cpu, cuda, cuda:1") from None
+        raise ConfigError(f"device {device!r} is not a torch device ({exc}); e.g. cpu, cuda, cuda:1") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"device {device} needs a CUDA GPU and a CUDA build of torch; this torch "
+            raise ConfigError(f"device {device} needs a CUDA GPU and a CUDA build of torch; this torch "
                             f"({torch.__version__}) sees none. Use the cpu device")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+            raise ConfigError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
     elif dev.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise UserError(f"device {device}: MPS is not available on this machine")
+            raise ConfigError(f"device {device}: MPS is not available on this machine")
     return dev

@@ -22,6 +22,10 @@ class ModelError(UserError):
     """A model, its weights, labels or a layer that cannot be loaded or resolved."""
 
 
+class OutputPathError(UserError):
+    """An output path that cannot be written: a file in the way, no permission, a read-only file system."""
+
+
 class RunStateError(UserError):
     """A run directory in the wrong state: a stage not run yet, an unfinished collect, no atlas."""
 
@@ -33,4 +37,4 @@ class RunLockedError(RunStateError):
 ActatlasError = UserError  # the common base, under the name a library user may look for
 
 __all__ = ["UserError", "ActatlasError", "ConfigError", "DataError", "ModelError", "RunStateError",
-           "RunLockedError"]
+           "RunLockedError", "OutputPathError"]

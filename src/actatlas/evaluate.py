@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .batches import iter_batches
 from .data import ImageSource
-from .errors import UserError
+from .errors import DataError
 from .models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def evaluate(spec: ModelSpec, source: ImageSource, batch_size: int = 32, loader_
     labels = source.labels(spec.class_names, spec.wnids)
     keep = np.flatnonzero(labels >= 0)
     if len(keep) == 0:
-        raise UserError(f"no image of {source.description} has a label this model knows "
+        raise DataError(f"no image of {source.description} has a label this model knows "
                         "(labels come from wnid file-name prefixes like n01440764_*.JPEG or class sub-folders)")
     device = next(spec.module.parameters()).device
     plan = [(None, keep[a:a + batch_size]) for a in range(0, len(keep), batch_size)]
@@ -63,5 +63,5 @@ def evaluate(spec: ModelSpec, source: ImageSource, batch_size: int = 32, loader_
     bar.close()
     seconds = time.perf_counter() - t0
     if n == 0:
-        raise UserError("no labelled image could be decoded")
+        raise DataError("no labelled image could be decoded")
     return EvalResult(hit1 / n, hit5 / n, n, skipped, int(len(labels) - len(keep)), seconds, n / seconds)

@@ -36,7 +36,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import ConfigError, UserError
 from .store import drop_pages, layer_dirname, save_npz_atomic, write_json_atomic
 
 MAX_GRID = 8192         # cells per side (bookkeeping arrays have G*G entries)
@@ -176,22 +176,22 @@ def _grid_levels(coords, acts, levels, attributions, min_count, topk, n_closest,
 def _validate(coords, acts, attributions, levels, min_count, topk, n_closest, chunk_rows):
     coords = np.asarray(coords)
     if coords.ndim != 2 or coords.shape[1] != 2:
-        raise UserError(f"layout coords must be [n, 2], got shape {coords.shape}")
+        raise ConfigError(f"layout coords must be [n, 2], got shape {coords.shape}")
     if getattr(acts, "ndim", 0) != 2 or acts.shape[0] != len(coords):
-        raise UserError(f"activations must be [n, c] with n = {len(coords)} layout rows, got shape "
+        raise ConfigError(f"activations must be [n, c] with n = {len(coords)} layout rows, got shape "
                         f"{getattr(acts, 'shape', None)}")
     if attributions is not None and (attributions.ndim != 2 or attributions.shape[0] != len(coords)):
-        raise UserError(f"attributions must be [n, classes] with n = {len(coords)}, got shape "
+        raise ConfigError(f"attributions must be [n, classes] with n = {len(coords)}, got shape "
                         f"{attributions.shape}")
     if not np.isfinite(coords).all():
-        raise UserError("layout coords contain NaN or infinite values")
+        raise ConfigError("layout coords contain NaN or infinite values")
     levels = [int(g) for g in levels] if not isinstance(levels, (int, np.integer)) else [int(levels)]
     if not levels or any(g < 1 or g > MAX_GRID for g in levels):
-        raise UserError(f"grid sizes must be integers in [1, {MAX_GRID}], got {levels}")
+        raise ConfigError(f"grid sizes must be integers in [1, {MAX_GRID}], got {levels}")
     for name, v, lo in (("min_count", min_count, 1), ("topk", topk, 0), ("n_closest", n_closest, 0),
                         ("chunk_rows", chunk_rows, 1)):
         if not isinstance(v, (int, np.integer)) or v < lo:
-            raise UserError(f"{name} must be an integer >= {lo}, got {v!r}")
+            raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
     return len(coords), acts.shape[1], levels
 
 
@@ -517,7 +517,7 @@ def load_grid(directory: str | Path, layer: str) -> list[GridLevel]:
     files = sorted((int(m.group(1)), p) for p in (d.glob("level-*.npz") if d.is_dir() else [])
                    if (m := re.fullmatch(r"level-(\d+)\.npz", p.name)))
     if not files:
-        raise UserError(f"no grid for layer {layer!r} in {directory}")
+        raise ConfigError(f"no grid for layer {layer!r} in {directory}")
     out = []
     for _, p in files:
         with np.load(p) as z:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import ConfigError, UserError
 from .store import drop_pages, layer_dirname, save_npy_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -58,14 +58,14 @@ def normalize_layout(raw: np.ndarray, min_percentile: float = 1, max_percentile:
     """
     x = np.asarray(raw, dtype=np.float64)
     if x.ndim != 2 or len(x) == 0:
-        raise UserError(f"normalize_layout needs a non-empty [n, d] array, got shape {x.shape}")
+        raise ConfigError(f"normalize_layout needs a non-empty [n, d] array, got shape {x.shape}")
     if not np.isfinite(x).all():
-        raise UserError("the layout contains NaN or infinite values")
+        raise ConfigError("the layout contains NaN or infinite values")
     if not 0 <= min_percentile < max_percentile <= 100:
-        raise UserError(f"need 0 <= min_percentile < max_percentile <= 100, got {min_percentile}, "
+        raise ConfigError(f"need 0 <= min_percentile < max_percentile <= 100, got {min_percentile}, "
                         f"{max_percentile}")
     if relative_margin < 0:
-        raise UserError(f"relative_margin must be >= 0, got {relative_margin}")
+        raise ConfigError(f"relative_margin must be >= 0, got {relative_margin}")
     lo = np.percentile(x, min_percentile, axis=0)
     hi = np.percentile(x, max_percentile, axis=0)
     span = hi - lo
@@ -150,7 +150,7 @@ class LayoutConfig:
         if not self.relative_margin >= 0:
             bad.append(f"relative_margin must be >= 0, got {self.relative_margin!r}")
         if bad:
-            raise UserError("invalid layout config: " + "; ".join(bad))
+            raise ConfigError("invalid layout config: " + "; ".join(bad))
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayoutConfig":
@@ -196,7 +196,7 @@ def import_umap():
     try:
         import umap
     except ImportError as exc:  # pragma: no cover - umap-learn is a dependency
-        raise UserError("method 'umap' needs umap-learn: pip install umap-learn") from exc
+        raise ConfigError("method 'umap' needs umap-learn: pip install umap-learn") from exc
     return umap
 
 
@@ -237,10 +237,10 @@ def compute_layout(acts: np.ndarray, cfg: LayoutConfig | None = None, progress: 
     """
     cfg = cfg or LayoutConfig()
     if getattr(acts, "ndim", 0) != 2:
-        raise UserError(f"activations must be a [n, c] array, got shape {getattr(acts, 'shape', None)}")
+        raise ConfigError(f"activations must be a [n, c] array, got shape {getattr(acts, 'shape', None)}")
     n, c = acts.shape
     if n < MIN_ROWS:
-        raise UserError(f"a layout needs at least {MIN_ROWS} activation rows, got {n}")
+        raise ConfigError(f"a layout needs at least {MIN_ROWS} activation rows, got {n}")
     params: dict = {"n": int(n), "c": int(c)}
     t0 = time.perf_counter()
     if cfg.method == "pca":
@@ -255,7 +255,7 @@ def compute_layout(acts: np.ndarray, cfg: LayoutConfig | None = None, progress: 
     seconds = time.perf_counter() - t0
     raw = np.asarray(raw, dtype=np.float32)
     if not np.isfinite(raw).all():
-        raise UserError(f"the {cfg.method} embedding produced NaN/inf values; try another seed or "
+        raise ConfigError(f"the {cfg.method} embedding produced NaN/inf values; try another seed or "
                         "method, or pca_dims")
     coords = normalize_layout(raw, cfg.min_percentile, cfg.max_percentile, cfg.relative_margin,
                               cfg.symmetric_margin).astype(np.float32)
@@ -320,7 +320,7 @@ def _pick_engine(cfg: LayoutConfig) -> str:
         return "umap-learn"
     ok = cuml_available()
     if cfg.engine == "cuml" and not ok:
-        raise UserError("engine 'cuml' needs cuML installed and a CUDA device; use engine 'auto' or "
+        raise ConfigError("engine 'cuml' needs cuML installed and a CUDA device; use engine 'auto' or "
                         "'umap-learn'")
     return "cuml" if ok else "umap-learn"
 
@@ -367,7 +367,7 @@ def _tsne(x: np.ndarray, cfg: LayoutConfig, params: dict, progress: bool) -> np.
     n = len(x)
     perplexity = cfg.perplexity if cfg.perplexity is not None else min(50.0, (n - 1) / 3)
     if perplexity >= n:
-        raise UserError(f"t-SNE perplexity {perplexity} must be below the number of rows ({n})")
+        raise ConfigError(f"t-SNE perplexity {perplexity} must be below the number of rows ({n})")
     kw = dict(n_components=2, metric=cfg.metric, perplexity=perplexity, init="pca",
               learning_rate="auto", random_state=cfg.seed, verbose=1 if progress else 0)
     if cfg.n_epochs is not None:
@@ -407,12 +407,12 @@ def load_layout(directory: str | Path, layer: str) -> Layout:
     """Read what ``save_layout`` wrote. UserError when it is missing or inconsistent."""
     coords_p, raw_p, meta_p = _layout_paths(directory, layer)
     if not meta_p.is_file() or not coords_p.is_file():
-        raise UserError(f"no layout for layer {layer!r} in {directory}")
+        raise ConfigError(f"no layout for layer {layer!r} in {directory}")
     meta = json.loads(meta_p.read_text())
     coords = np.load(coords_p)
     raw = np.load(raw_p) if raw_p.is_file() else coords.copy()
     if coords.shape != (meta["n"], 2) or raw.shape != coords.shape:
-        raise UserError(f"layout files for {layer!r} in {directory} are inconsistent")
+        raise ConfigError(f"layout files for {layer!r} in {directory} are inconsistent")
     cfg = LayoutConfig.from_dict(meta.get("config", {}))
     return Layout(coords=coords, raw=raw, config=cfg, seconds=float(meta.get("seconds", 0.0)),
                   method=meta["method"], engine=meta.get("engine", ""), params=meta.get("params", {}))

@@ -33,7 +33,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def require_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError as exc:
-        raise UserError(f"engine 'ray' needs Ray, which is not installed ({exc}); install it with: "
+        raise ConfigError(f"engine 'ray' needs Ray, which is not installed ({exc}); install it with: "
                         f"{INSTALL_HINT}") from None
     return ray
 
@@ -65,7 +65,7 @@ def ensure_ray(address: str | None = None):
     try:
         ray.init(address=address, **kw)
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise UserError(f"cannot connect to Ray at {address or 'a local cluster'}: {exc}") from None
+        raise ConfigError(f"cannot connect to Ray at {address or 'a local cluster'}: {exc}") from None
     return ray
 
 
@@ -126,12 +126,12 @@ def plan_resources(device: str, threads: int | None, actors: int | None, cluster
     cpus, gpus = int(cluster.get("CPU", 1)), int(cluster.get("GPU", 0))
     if dev.type == "cuda":
         if gpus == 0:
-            raise UserError(f"device {device} with engine 'ray', but the Ray cluster has no GPUs "
+            raise ConfigError(f"device {device} with engine 'ray', but the Ray cluster has no GPUs "
                             f"(resources: {cluster}); use the cpu device")
         n = actors or gpus
         return Resources("cuda", 1, 1, n, max(1, cpus - n), max(1, threads or 1))
     if dev.type != "cpu":
-        raise UserError(f"engine 'ray' supports the cpu or cuda device, not {device}")
+        raise ConfigError(f"engine 'ray' supports the cpu or cuda device, not {device}")
     t = max(1, threads or 1)
     n = actors or max(1, (cpus - 1) // t)
     return Resources("cpu", t, 0, n, max(1, cpus - n * t), t)

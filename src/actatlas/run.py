@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from .errors import RunStateError, UserError
+from .errors import ConfigError, RunStateError
 from .models import load_model
 from .stages import read_manifest
 from .store import layer_dirname
@@ -70,7 +70,7 @@ class Run:
 
     def _dir(self, layer: str) -> Path:
         if layer not in self.layers:
-            raise UserError(f"layer {layer!r} was not collected in {self.path}; collected: {', '.join(self.layers)}")
+            raise ConfigError(f"layer {layer!r} was not collected in {self.path}; collected: {', '.join(self.layers)}")
         return self.store / layer_dirname(layer)
 
     def activations(self, layer: str) -> np.ndarray:

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import RunLockedError, RunStateError, UserError
+from .errors import OutputPathError, RunLockedError, RunStateError, UserError
 
 ROW_FIELDS = ("row", "image", "path", "label", "layer", "y", "x", "top5", "top5_prob")
 
@@ -126,7 +126,7 @@ class RunLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise UserError(f"cannot create the lock file {self.path}: {exc.strerror}") from None
+            raise OutputPathError(f"cannot create the lock file {self.path}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -173,15 +173,15 @@ def ensure_dir(path: str | Path, what: str = "output directory") -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise UserError(f"{what} {path} exists and is not a directory") from None
+        raise OutputPathError(f"{what} {path} exists and is not a directory") from None
     except NotADirectoryError:
-        raise UserError(f"cannot create {what} {path}: a parent of it is a file, not a directory") from None
+        raise OutputPathError(f"cannot create {what} {path}: a parent of it is a file, not a directory") from None
     except OSError as exc:
-        raise UserError(f"cannot create {what} {path}: {exc.strerror or exc}") from None
+        raise OutputPathError(f"cannot create {what} {path}: {exc.strerror or exc}") from None
     if not path.is_dir():
-        raise UserError(f"{what} {path} exists and is not a directory")
+        raise OutputPathError(f"{what} {path} exists and is not a directory")
     if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"{what} {path} is not writable (permission denied)")
+        raise OutputPathError(f"{what} {path} is not writable (permission denied)")
     return path
 
 

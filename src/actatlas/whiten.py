@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserError
+from .errors import ConfigError, UserError
 from .store import drop_pages
 
 DEFAULT_RIDGE = 1e-2
@@ -33,10 +33,10 @@ def moment_sums(acts: np.ndarray, chunk_rows: int = 65536) -> tuple[np.ndarray, 
     Reads at most ``chunk_rows`` rows at a time and casts them to float64 in blocks of ~32 MB.
     """
     if getattr(acts, "ndim", 0) != 2:
-        raise UserError(f"activations must be a [n, c] array, got shape {getattr(acts, 'shape', None)}")
+        raise ConfigError(f"activations must be a [n, c] array, got shape {getattr(acts, 'shape', None)}")
     n, c = acts.shape
     if chunk_rows < 1:
-        raise UserError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        raise ConfigError(f"chunk_rows must be >= 1, got {chunk_rows}")
     total = np.zeros((c, c), dtype=np.float64)
     s = np.zeros(c, dtype=np.float64)
     block = max(1, min(chunk_rows, _BLOCK_ELEMS // max(c, 1)))
@@ -54,7 +54,7 @@ def second_moment(acts: np.ndarray, chunk_rows: int = 65536) -> np.ndarray:
     """M = AᵀA / N, the uncentered second moment (method.md §1.8). acts: [n, c] -> [c, c] float64."""
     total, _, n = moment_sums(acts, chunk_rows)
     if n == 0:
-        raise UserError("cannot compute a second moment of zero rows")
+        raise ConfigError("cannot compute a second moment of zero rows")
     return total / n
 
 
@@ -79,23 +79,23 @@ def whitening_from_moment(moment: np.ndarray, ridge: float = DEFAULT_RIDGE,
     """Invert a second moment M [c, c]: S = (M + λI)⁻¹ with λ = ridge · trace(M) / c (symmetric eigh)."""
     m = np.asarray(moment, dtype=np.float64)
     if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
-        raise UserError(f"second moment must be a non-empty square matrix, got shape {m.shape}")
+        raise ConfigError(f"second moment must be a non-empty square matrix, got shape {m.shape}")
     if not np.isfinite(m).all():
-        raise UserError("second moment contains NaN or infinite values")
+        raise ConfigError("second moment contains NaN or infinite values")
     if not ridge >= 0:
-        raise UserError(f"ridge must be >= 0, got {ridge}")
+        raise ConfigError(f"ridge must be >= 0, got {ridge}")
     c = m.shape[0]
     m = (m + m.T) / 2
     w, q = np.linalg.eigh(m)
     scale = float(np.trace(m)) / c
     if scale <= 0:
-        raise UserError("the activations are all zero; nothing to whiten")
+        raise ConfigError("the activations are all zero; nothing to whiten")
     lam = float(ridge) * scale
     d = w + lam
     tiny = max(float(w[-1]), 0.0) * c * np.finfo(np.float64).eps
     if d[0] <= tiny:
         dead = int(np.sum(w <= tiny))
-        raise UserError(f"the activation second moment is singular ({dead} of {c} directions have ~zero "
+        raise ConfigError(f"the activation second moment is singular ({dead} of {c} directions have ~zero "
                         "energy, e.g. dead channels); use a ridge > 0 (e.g. 1e-2)")
     s = (q / d) @ q.T
     s = (s + s.T) / 2
@@ -111,5 +111,5 @@ def whitening_matrix(acts: np.ndarray, ridge: float = DEFAULT_RIDGE,
     """
     total, _, n = moment_sums(acts, chunk_rows)
     if n == 0:
-        raise UserError("cannot whiten zero rows")
+        raise ConfigError("cannot whiten zero rows")
     return whitening_from_moment(total / n, ridge=ridge, n_rows=n)

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..data import DEFAULT_MAX_PIXELS, ImageDecodeError, images, load_rgb
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from ..grid import load_grid
 from ..models.spec import resolve_class
 from ..pipeline import check_layer, run_whiten
@@ -101,14 +101,14 @@ def parse_cell_spec(text: str) -> CellSpec:
     form = "expected RUN:LAYER:LEVEL:I:J, e.g. runs/demo:blocks.8:20:3:7"
     parts = str(text).rsplit(":", 4)
     if len(parts) != 5 or not all(p.strip() for p in parts):
-        raise UserError(f"malformed cell spec {text!r}: {form}")
+        raise ConfigError(f"malformed cell spec {text!r}: {form}")
     run, layer, level, i, j = (p.strip() for p in parts)
     try:
         level_i, ii, jj = int(level), int(i), int(j)
     except ValueError:
-        raise UserError(f"malformed cell spec {text!r}: LEVEL, I and J must be integers ({form})") from None
+        raise ConfigError(f"malformed cell spec {text!r}: LEVEL, I and J must be integers ({form})") from None
     if level_i < 1 or ii < 0 or jj < 0:
-        raise UserError(f"malformed cell spec {text!r}: LEVEL must be >= 1 and I, J >= 0 ({form})")
+        raise ConfigError(f"malformed cell spec {text!r}: LEVEL must be >= 1 and I, J >= 0 ({form})")
     return CellSpec(run, layer, level_i, ii, jj)
 
 
@@ -125,7 +125,7 @@ def run_render_config(run_dir, layer: str, **overrides):
     try:
         cfg = dataclasses.replace(cfg, **over)
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise ConfigError(str(exc)) from None
     return cfg, ridge
 
 
@@ -153,11 +153,11 @@ def render_patches(spec, run_dir, layer: str, directions: np.ndarray, size_px: i
     """
     run = open_run(run_dir)
     if layer not in run.layers:
-        raise UserError(f"layer {layer!r} was not collected in {run_dir}; collected: {', '.join(run.layers)}")
+        raise ConfigError(f"layer {layer!r} was not collected in {run_dir}; collected: {', '.join(run.layers)}")
     if size_px < 8:
-        raise UserError(f"patch size must be at least 8 px, got {size_px}")
+        raise ConfigError(f"patch size must be at least 8 px, got {size_px}")
     if steps is not None and steps < 1:
-        raise UserError(f"render steps must be >= 1, got {steps}")
+        raise ConfigError(f"render steps must be >= 1, got {steps}")
     cfg, ridge = run_render_config(run_dir, layer, icon_size=int(size_px), steps=steps, device=device)
     S = run_whitening(run_dir, layer, ridge) if cfg.whiten else None
     module_layer = run.config["module_layers"][layer]
@@ -173,23 +173,23 @@ def cell_direction(cell: CellSpec) -> tuple[np.ndarray, dict]:
     """
     run = open_run(cell.run)
     if cell.layer not in run.layers:
-        raise UserError(f"cell spec {cell}: layer {cell.layer!r} was not collected in {cell.run}; "
+        raise ConfigError(f"cell spec {cell}: layer {cell.layer!r} was not collected in {cell.run}; "
                         f"collected: {', '.join(run.layers)}")
     try:
         levels = load_grid(Path(cell.run) / "grid", cell.layer)
     except UserError:
-        raise UserError(f"cell spec {cell}: the run has no grid for {cell.layer!r} yet "
+        raise ConfigError(f"cell spec {cell}: the run has no grid for {cell.layer!r} yet "
                         f"(grid the run's layer {cell.layer} first, e.g. by building its atlas)") from None
     by_size = {lv.size: lv for lv in levels}
     if cell.level not in by_size:
-        raise UserError(f"cell spec {cell}: no grid level {cell.level}; levels: "
+        raise ConfigError(f"cell spec {cell}: no grid level {cell.level}; levels: "
                         f"{', '.join(map(str, sorted(by_size)))}")
     lv = by_size[cell.level]
     c = lv.cell_at(cell.i, cell.j)
     if c < 0:
         cells = [f"{int(a)}:{int(b)}" for a, b in zip(lv.i, lv.j)]
         shown = ", ".join(cells[:40]) + (f", ... ({len(cells)} in all)" if len(cells) > 40 else "")
-        raise UserError(f"cell spec {cell}: level {cell.level} has no cell at i={cell.i}, j={cell.j} "
+        raise ConfigError(f"cell spec {cell}: level {cell.level} has no cell at i={cell.i}, j={cell.j} "
                         f"(out of range or under the count threshold); cells that exist (I:J): {shown}")
     names = run.class_names
     top = [int(t) for t in lv.top_classes[c][:3]]
@@ -347,11 +347,11 @@ def prepare_attack_set(bank: ImageBank, target: int, source_class: int | None = 
     names = bank.spec.class_names
     K = bank.spec.num_classes
     if not 0 <= target < K:
-        raise UserError(f"target class {target} out of range [0, {K})")
+        raise ConfigError(f"target class {target} out of range [0, {K})")
     if source_class is not None and not 0 <= source_class < K:
-        raise UserError(f"source class {source_class} out of range [0, {K})")
+        raise ConfigError(f"source class {source_class} out of range [0, {K})")
     if source_class is not None and source_class == target:
-        raise UserError(f"source and target are the same class ({names[target]})")
+        raise ConfigError(f"source and target are the same class ({names[target]})")
     labels_all = np.asarray(bank.images.labels, np.int64)
     labelled = bank.images.has_labels
     n_all = len(labels_all)
@@ -406,7 +406,7 @@ def evaluate_on_set(bank: ImageBank, aset: AttackSet, patch: Image.Image, sizes:
 
     sizes = [float(s) for s in sizes]
     if not sizes or any(not 0 < s <= 1 for s in sizes):
-        raise UserError(f"patch sizes are fractions of the side in (0, 1], got {sizes}")
+        raise ConfigError(f"patch sizes are fractions of the side in (0, 1], got {sizes}")
     cl = corner_list(corners)
     parts = []
     with tqdm(total=aset.n, desc=desc, unit="img", disable=not bank.progress or aset.n == 0) as bar:
@@ -458,7 +458,7 @@ def run_patch_attack(spec, images: LabelledImages, target: int, patches: Sequenc
     plus ``summary.json``.
     """
     if not patches:
-        raise UserError("give at least one patch")
+        raise ConfigError("give at least one patch")
     names = spec.class_names
     bank = ImageBank(spec, images, batch_size, progress)
     aset = prepare_attack_set(bank, target, source_class, min_source, max_images, seed)
@@ -568,9 +568,9 @@ def find_patches(run_dir, layer: str, left, right, images=None, spec=None, max_c
     names = run.class_names
     L, R = resolve_class(left, names, run.wnids), resolve_class(right, names, run.wnids)
     if L == R:
-        raise UserError("left and right classes must differ")
+        raise ConfigError("left and right classes must differ")
     if max_candidates < 1:
-        raise UserError(f"max candidates must be >= 1, got {max_candidates}")
+        raise ConfigError(f"max candidates must be >= 1, got {max_candidates}")
     spec = _spec_for_run(run, spec, device)
     bank, imgs = _attack_images(run_dir, images, spec)
     cmp = compare(run, layer, L, R, top=top, grid=grid, y_method=y_method, min_count=min_count, seed=seed)
@@ -606,7 +606,7 @@ def _attack_images(run_dir, images, spec) -> tuple["ImageBank | None", "Labelled
     """(the `ImageBank` given, or None; the labelled images to attack): `images` as `find_patches` takes it."""
     if isinstance(images, ImageBank):
         if images.spec is not spec and images.spec.name != spec.name:
-            raise UserError(f"the image bank was classified by {images.spec.name}, the run by {spec.name}")
+            raise ConfigError(f"the image bank was classified by {images.spec.name}, the run by {spec.name}")
         return images, images.images
     if isinstance(images, LabelledImages):
         return None, images

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import ConfigError
 from ..grid import GridLevel, grid_level
 from ..layout import Layout, LayoutConfig, compute_layout
 
@@ -26,11 +26,11 @@ _CHUNK = 65536
 
 def _check_attr(attributions, cls: int) -> tuple[int, int]:
     if getattr(attributions, "ndim", 0) != 2:
-        raise UserError(f"attributions must be a [n, classes] array, got shape "
+        raise ConfigError(f"attributions must be a [n, classes] array, got shape "
                         f"{getattr(attributions, 'shape', None)}")
     n, k = attributions.shape
     if not 0 <= int(cls) < k:
-        raise UserError(f"class index {cls} out of range [0, {k})")
+        raise ConfigError(f"class index {cls} out of range [0, {k})")
     return n, k
 
 
@@ -55,7 +55,7 @@ def top_rows(attributions: np.ndarray, cls: int, top: int = 2000) -> np.ndarray:
     """
     _check_attr(attributions, cls)
     if top < 1:
-        raise UserError(f"top must be >= 1, got {top}")
+        raise ConfigError(f"top must be >= 1, got {top}")
     col = np.asarray(attributions[:, int(cls)], dtype=np.float32)
     pos = np.flatnonzero(col > 0)
     if len(pos) > top:
@@ -74,7 +74,7 @@ def class_filter(attributions: np.ndarray, cls: int, mode: str = "winner", top: 
         return winner_rows(attributions, cls)
     if mode == "top":
         return top_rows(attributions, cls, top)
-    raise UserError(f"class filter must be one of {', '.join(FILTERS)}, got {mode!r}")
+    raise ConfigError(f"class filter must be one of {', '.join(FILTERS)}, got {mode!r}")
 
 
 def small_n_layout_config(cfg: LayoutConfig | None, n: int) -> LayoutConfig:
@@ -128,11 +128,11 @@ def class_atlas(run, layer: str, cls: int, mode: str = "winner", top: int = 2000
     """
     attr = run.attributions(layer)
     if attr is None:
-        raise UserError(f"run has no attributions for layer {layer!r}; collect with attributions to build "
+        raise ConfigError(f"run has no attributions for layer {layer!r}; collect with attributions to build "
                         "a class atlas")
     rows = class_filter(attr, cls, mode, top)
     if len(rows) < 4:
-        raise UserError(f"only {len(rows)} activations pass the {mode!r} filter for class {cls}; "
+        raise ConfigError(f"only {len(rows)} activations pass the {mode!r} filter for class {cls}; "
                         "need at least 4 (try the 'top' filter or a larger run)")
     acts = np.asarray(run.activations(layer)[rows], dtype=np.float32)
     sub_attr = np.asarray(attr[rows], dtype=np.float32)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import ConfigError
 from ..grid import GridLevel, grid_level
 from ..layout import normalize_layout
 from .classes import top_rows, winner_rows
@@ -28,7 +28,7 @@ def comparison_axis(attributions: np.ndarray, left: int, right: int) -> np.ndarr
     max(|d|) instead, and when d is all zero x is all zero.
     """
     if left == right:
-        raise UserError("left and right classes must differ")
+        raise ConfigError("left and right classes must differ")
     a = np.asarray(attributions)
     d = np.asarray(a[:, right], dtype=np.float64) - np.asarray(a[:, left], dtype=np.float64)
     if len(d) == 0:
@@ -60,7 +60,7 @@ def embed_1d(acts: np.ndarray, method: str = "tsne", seed: int = 0, metric: str 
     x = np.asarray(acts, dtype=np.float32)
     n = len(x)
     if n < 4:
-        raise UserError(f"a 1-D embedding needs at least 4 rows, got {n}")
+        raise ConfigError(f"a 1-D embedding needs at least 4 rows, got {n}")
     if method == "pca":
         xc = x - x.mean(axis=0)
         _, _, vt = np.linalg.svd(xc, full_matrices=False)
@@ -81,7 +81,7 @@ def embed_1d(acts: np.ndarray, method: str = "tsne", seed: int = 0, metric: str 
         raw = umap.UMAP(n_components=1, n_neighbors=k, min_dist=0.01, metric=metric,
                         random_state=seed, n_jobs=1).fit_transform(x)[:, 0]
     else:
-        raise UserError(f"y method must be one of {', '.join(Y_METHODS)}, got {method!r}")
+        raise ConfigError(f"y method must be one of {', '.join(Y_METHODS)}, got {method!r}")
     return normalize_layout(np.asarray(raw, np.float64)[:, None])[:, 0].astype(np.float32)
 
 
@@ -119,7 +119,7 @@ def candidate_cells(level: GridLevel, sides: np.ndarray, left: int, right: int,
     a third class; sorted by that class's mean attribution, descending (ties by cell order)."""
     sides = np.asarray(sides)
     if len(sides) != level.m:
-        raise UserError(f"sides has {len(sides)} entries for {level.m} cells")
+        raise ConfigError(f"sides has {len(sides)} entries for {level.m} cells")
     label = level.label
     out = []
     for c in range(level.m):
@@ -166,10 +166,10 @@ def compare(run, layer: str, left: int, right: int, top: int = 2000, grid: int =
     """Two-class comparison of `left` vs `right` on a run's layer (method.md §3.3)."""
     attr = run.attributions(layer)
     if attr is None:
-        raise UserError(f"run has no attributions for layer {layer!r}; a comparison needs them")
+        raise ConfigError(f"run has no attributions for layer {layer!r}; a comparison needs them")
     rows = comparison_rows(attr, left, right, top)
     if len(rows) < 4:
-        raise UserError(f"only {len(rows)} activations support classes {left} and {right}")
+        raise ConfigError(f"only {len(rows)} activations support classes {left} and {right}")
     sub_attr = np.asarray(attr[rows], dtype=np.float32)
     acts = np.asarray(run.activations(layer)[rows], dtype=np.float32)
     x = comparison_axis(sub_attr, left, right)

@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..data import to_rgb
-from ..errors import UserError
+from ..errors import ConfigError
 
 CORNERS = ((0, 0), (1, 0), (0, 1), (1, 1))  # top-left, top-right, bottom-left, bottom-right
 CORNER_NAMES = {(0, 0): "top-left", (1, 0): "top-right", (0, 1): "bottom-left", (1, 1): "bottom-right"}
@@ -44,9 +44,9 @@ def composite(bg: Image.Image, patch: Image.Image, r: float, corner: Sequence[fl
     """
     w, h = bg.size
     if w != h:
-        raise UserError(f"composite needs a square background at the model input size, got {w}x{h}")
+        raise ConfigError(f"composite needs a square background at the model input size, got {w}x{h}")
     if not 0 <= r <= 1:
-        raise UserError(f"patch size must be a fraction of the side in [0, 1], got {r}")
+        raise ConfigError(f"patch size must be a fraction of the side in [0, 1], got {r}")
     s = w
     out = to_rgb(bg).copy()
     side = int(r * s)
@@ -67,11 +67,11 @@ def noise_patch(size: int, seed: int = 0) -> Image.Image:
 def corner_list(corners) -> list[tuple[float, float]]:
     if isinstance(corners, (int, np.integer)):
         if not 1 <= corners <= 4:
-            raise UserError(f"corners must be 1-4 or a list of (px, py), got {corners}")
+            raise ConfigError(f"corners must be 1-4 or a list of (px, py), got {corners}")
         return [CORNERS[k] for k in range(int(corners))]
     out = [tuple(c) for c in corners]
     if not out or any(len(c) != 2 or not all(0 <= v <= 1 for v in c) for c in out):
-        raise UserError(f"corners must be (px, py) pairs in [0, 1], got {corners!r}")
+        raise ConfigError(f"corners must be (px, py) pairs in [0, 1], got {corners!r}")
     return out
 
 
@@ -186,7 +186,7 @@ def eligible_images(probs: np.ndarray, labels: np.ndarray | None, source_class: 
             ok &= np.asarray(labels) == source_class
         return ok & (source_class != target)
     if labels is None:
-        raise UserError("without a source class the images need labels (every non-target image whose "
+        raise ConfigError("without a source class the images need labels (every non-target image whose "
                         "label the model predicts is a source image)")
     labels = np.asarray(labels)
     return (labels >= 0) & (labels != target) & (pred == labels)
@@ -224,16 +224,16 @@ def patch_attack(spec, source_images: list[Image.Image], source_labels: np.ndarr
     ``target``, ``sizes``, ``corners``. The noise control uses the same eligible images.
     """
     if not sizes:
-        raise UserError("need at least one patch size")
+        raise ConfigError("need at least one patch size")
     sizes = [float(s) for s in sizes]
     for s in sizes:
         if not 0 < s <= 1:
-            raise UserError(f"patch sizes are fractions of the side in (0, 1], got {s}")
+            raise ConfigError(f"patch sizes are fractions of the side in (0, 1], got {s}")
     corners_xy = corner_list(corners)
     if not 0 <= target < spec.num_classes:
-        raise UserError(f"target class {target} out of range [0, {spec.num_classes})")
+        raise ConfigError(f"target class {target} out of range [0, {spec.num_classes})")
     if source_labels is not None and len(source_labels) != len(source_images):
-        raise UserError(f"{len(source_labels)} labels for {len(source_images)} images")
+        raise ConfigError(f"{len(source_labels)} labels for {len(source_images)} images")
     classify = Classifier(spec, batch_size)
     bgs = [spec.preprocess.geometry(to_rgb(im)) for im in source_images]
     probs = classify(bgs)

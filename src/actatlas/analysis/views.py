@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..atlas import Atlas, AtlasLevel
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError
 from ..export.site import export_atlas
 from ..grid import level_to_records, load_grid, save_grid
 from ..layout import load_layout, save_layout
@@ -140,7 +140,7 @@ def _setup(run_dir, layer, render_cfg):
     run = open_run(run_dir)
     layer = check_layer(run, layer)
     if run.attributions(layer) is None:
-        raise UserError(f"run {run_dir} has no attributions for layer {layer!r}: collect with "
+        raise ConfigError(f"run {run_dir} has no attributions for layer {layer!r}: collect with "
                         "attributions='full' for class atlases and comparisons")
     cfg = render_cfg or RenderConfig.cpu_default()
     return run_dir, run, layer, cfg, stage_hash(run_dir, "collect")
@@ -264,7 +264,7 @@ def labelled_canvas(level: AtlasLevel, labels: list[str], title: str | None = No
     """
     G, P = int(level.size), int(level.icon_size)
     if P <= 0:
-        raise UserError("the level has no icons to draw")
+        raise ConfigError("the level has no icons to draw")
     font = _font()
     ch = P + label_height
     lines = _wrap(ImageDraw.Draw(Image.new("RGB", (1, 1))), title, G * P - 6, font) if title else []
@@ -328,7 +328,7 @@ def _render_subset(out: Path, run_dir: Path, run, layer: str, level, rows: np.nd
     """Render one icon per kept cell of `level` (a grid over run rows `rows`), save the one-level atlas
     and grid under `out`. Returns (AtlasLevel, icon fidelity [m], best-member fidelity [m])."""
     if level.m == 0:
-        raise UserError(f"no cell of the {grid}x{grid} grid holds {min_count}+ of the {len(rows)} rows: "
+        raise ConfigError(f"no cell of the {grid}x{grid} grid holds {min_count}+ of the {len(rows)} rows: "
                         "lower min_count or the grid size")
     acts = np.asarray(run.activations(layer)[rows], np.float32)
     images, fid, member, _ = _render(run_dir, run, layer, level, acts, cfg, ridge, spec, progress)
@@ -369,9 +369,9 @@ def class_atlas_and_render(run_dir, layer: str | None, cls, *, mode: str = "winn
     run_dir, run, layer, cfg, chash = _setup(run_dir, layer, render_cfg)
     c = _resolve(run, cls)
     if mode not in FILTERS:
-        raise UserError(f"class filter must be one of {', '.join(FILTERS)}, got {mode!r}")
+        raise ConfigError(f"class filter must be one of {', '.join(FILTERS)}, got {mode!r}")
     if grid < 1:
-        raise UserError(f"grid must be >= 1, got {grid}")
+        raise ConfigError(f"grid must be >= 1, got {grid}")
     names = run.class_names
     out = Path(out) if out is not None else (run_dir / "class-atlas" / layer_dirname(layer)
                                              / f"{class_slug(c, names[c])}-{mode}")
@@ -424,10 +424,10 @@ def _read_result(out, kind: str) -> dict:
     out = Path(out)
     p = out / "result.json"
     if not p.is_file():
-        raise UserError(f"{out} holds no finished {kind.replace('_', ' ')} (result.json missing)")
+        raise ConfigError(f"{out} holds no finished {kind.replace('_', ' ')} (result.json missing)")
     res = json.loads(p.read_text())
     if res.get("kind") != kind:
-        raise UserError(f"{out} holds a {res.get('kind')}, not a {kind}")
+        raise ConfigError(f"{out} holds a {res.get('kind')}, not a {kind}")
     return res
 
 
@@ -471,11 +471,11 @@ def compare_and_render(run_dir, layer: str | None, left, right, *, top: int = 20
     run_dir, run, layer, cfg, chash = _setup(run_dir, layer, render_cfg)
     a, b = _resolve(run, left), _resolve(run, right)
     if a == b:
-        raise UserError(f"left and right are the same class ({a}: {run.class_names[a]})")
+        raise ConfigError(f"left and right are the same class ({a}: {run.class_names[a]})")
     if y_method not in Y_METHODS:
-        raise UserError(f"y method must be one of {', '.join(Y_METHODS)}, got {y_method!r}")
+        raise ConfigError(f"y method must be one of {', '.join(Y_METHODS)}, got {y_method!r}")
     if grid < 2:
-        raise UserError(f"grid must be >= 2, got {grid}")
+        raise ConfigError(f"grid must be >= 2, got {grid}")
     names = run.class_names
     out = Path(out) if out is not None else (run_dir / "compare" / layer_dirname(layer)
                                              / f"{class_slug(a, names[a])}--{class_slug(b, names[b])}")

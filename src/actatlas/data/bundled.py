@@ -26,7 +26,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from ..errors import UserError
+from ..errors import DataError, UserError
 from .decode import SAMPLE_PREFIX, ImageDecodeError, load_file
 
 DEFAULT_COUNT = 512
@@ -54,7 +54,7 @@ def sample_dir() -> str:
     """The folder of scikit-image's bundled data files (found without importing skimage.data)."""
     spec = importlib.util.find_spec("skimage")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("the bundled sample needs scikit-image (pip install scikit-image)")
+        raise DataError("the bundled sample needs scikit-image (pip install scikit-image)")
     return os.path.join(list(spec.submodule_search_locations)[0], "data")
 
 
@@ -71,7 +71,7 @@ def _photo_size(name: str) -> tuple[int, int]:
         with Image.open(path) as im:  # reads the header only
             return im.size
     except OSError as e:
-        raise UserError(f"bundled photo {path} is unreadable: {e}") from e
+        raise DataError(f"bundled photo {path} is unreadable: {e}") from e
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,7 +86,7 @@ def parse_count(spec: str) -> int:
         return DEFAULT_COUNT
     text = spec[len(SAMPLE_PREFIX):].strip()
     if not text.isdigit() or int(text) <= 0:
-        raise UserError(f"bad bundled sample {spec!r}: use 'sample' or 'sample:N' with N a positive integer")
+        raise DataError(f"bad bundled sample {spec!r}: use 'sample' or 'sample:N' with N a positive integer")
     return int(text)
 
 

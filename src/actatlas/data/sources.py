@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from ..errors import UserError
+from ..errors import DataError, UserError
 from . import bundled
 from .decode import (DEFAULT_MAX_PIXELS, SAMPLE_PREFIX, ImageDecodeError, ImageItem,  # noqa: F401  (re-exported)
                      check_max_pixels, load_file, to_rgb)
@@ -133,7 +133,7 @@ class ImageSource(Sequence):
         """The first `n` items (all of them when n >= len); the CLI's ``--limit N``."""
         n = operator.index(n)
         if n < 0:
-            raise UserError(f"limit must be >= 0, not {n}")
+            raise DataError(f"limit must be >= 0, not {n}")
         return self._subset(self._items[:n])
 
     def fingerprint(self) -> str:
@@ -278,13 +278,13 @@ def _images(spec, *, recursive: bool, seed: int) -> ImageSource:
     if isinstance(spec, (list, tuple)):
         return _from_entries(spec, Path.cwd(), "list of paths")
     if not isinstance(spec, (str, os.PathLike)):
-        raise UserError(f"cannot read images from a {type(spec).__name__}; give a folder, a text file or 'sample'")
+        raise DataError(f"cannot read images from a {type(spec).__name__}; give a folder, a text file or 'sample'")
     text = os.fspath(spec)
     if isinstance(text, str) and (text == "sample" or text.startswith(SAMPLE_PREFIX)):
         return _sample_source(text, seed=seed)
     path = Path(os.path.expanduser(text))
     if not path.exists():
-        raise UserError(
+        raise DataError(
             f"image source {text!r} does not exist (give a folder of images, a .txt list of paths, or 'sample')"
         )
     path = Path(os.path.abspath(path))
@@ -295,7 +295,7 @@ def _images(spec, *, recursive: bool, seed: int) -> ImageSource:
     if path.is_file() and is_image_name(path.name):
         key = _wnid_of(path.name) or _wnid_of(path.parent.name)
         return ImageSource([ImageItem(0, str(path), key)], f"file {path}")
-    raise UserError(
+    raise DataError(
         f"{text!r} is neither a folder, a list of paths ({', '.join(LIST_EXTENSIONS)}) nor an image "
         f"file ({', '.join(IMAGE_EXTENSIONS)})"
     )
@@ -329,7 +329,7 @@ def _from_folder(root: Path, *, recursive: bool) -> ImageSource:
             extra = f"; skipped {len(skipped)} other files such as {os.path.basename(sorted(skipped)[0])!r}"
         if not recursive:
             extra += "; sub-folders were not searched"
-        raise UserError(f"no images found in {root} (looked for {exts}, any case{extra})")
+        raise DataError(f"no images found in {root} (looked for {exts}, any case{extra})")
     found.sort(key=lambda t: t[0])
     items = []
     for i, (parts, full) in enumerate(found):
@@ -352,7 +352,7 @@ def _from_list_file(path: Path) -> ImageSource:
     try:
         text = path.read_text("utf-8", errors="surrogateescape")
     except OSError as e:
-        raise UserError(f"cannot read list of images {path}: {e}") from e
+        raise DataError(f"cannot read list of images {path}: {e}") from e
     entries: list[tuple[str, str | None]] = []
     for line in text.splitlines():
         line = line.rstrip("\r\n")
@@ -366,14 +366,14 @@ def _from_list_file(path: Path) -> ImageSource:
 
 def _from_entries(entries: Sequence, base: Path, what: str) -> ImageSource:
     if len(entries) == 0:
-        raise UserError(f"{what} names no images")
+        raise DataError(f"{what} names no images")
     items = []
     for i, entry in enumerate(entries):
         label = None
         if isinstance(entry, tuple) and len(entry) == 2:
             entry, label = entry
         if not isinstance(entry, (str, os.PathLike)):
-            raise UserError(f"{what}: entry {i} is a {type(entry).__name__}, not a path")
+            raise DataError(f"{what}: entry {i} is a {type(entry).__name__}, not a path")
         if isinstance(entry, str) and entry.startswith(SAMPLE_PREFIX):  # a bundled crop, kept verbatim
             items.append(ImageItem(i, entry, label))
             continue
@@ -386,7 +386,7 @@ def _from_entries(entries: Sequence, base: Path, what: str) -> ImageSource:
         items.append(ImageItem(i, full, label))
     missing = [it.path for it in items if not it.path.startswith(SAMPLE_PREFIX) and not os.path.isfile(it.path)]
     if len(missing) == len(items):
-        raise UserError(f"{what}: none of the {len(items)} listed files exist (e.g. {missing[0]})")
+        raise DataError(f"{what}: none of the {len(items)} listed files exist (e.g. {missing[0]})")
     if missing:
         log.warning("%s: %d of %d listed files do not exist, e.g. %s", what, len(missing), len(items), missing[0])
     return ImageSource(items, what)
@@ -396,10 +396,10 @@ def _sample_source(spec: str = "sample", *, seed: int = 0) -> ImageSource:
     """The `ImageSource` for ``"sample"`` / ``"sample:N"`` (label_key None for every crop)."""
     n = bundled.parse_count(spec)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise UserError(f"seed must be an integer, not {seed!r}")
+        raise DataError(f"seed must be an integer, not {seed!r}")
     photos = bundled.available_photos()
     if not photos:
-        raise UserError(f"none of the bundled sample photos were found in {bundled.sample_dir()}")
+        raise DataError(f"none of the bundled sample photos were found in {bundled.sample_dir()}")
     items = [
         ImageItem(i, f"{SAMPLE_PREFIX}{name}#{x0},{y0},{x1},{y1}", None)
         for i, (name, (x0, y0, x1, y1)) in enumerate(bundled.crop_boxes(n, int(seed), photos))

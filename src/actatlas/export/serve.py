@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 LOCAL_HOST_HEADERS = {"127.0.0.1", "localhost", "[::1]"}
@@ -31,9 +31,9 @@ def check_port(port) -> int:
     try:
         value = int(port)
     except (TypeError, ValueError):
-        raise UserError(f"invalid port {port!r}: use a number from 0 to 65535 (0 picks a free port)") from None
+        raise ConfigError(f"invalid port {port!r}: use a number from 0 to 65535 (0 picks a free port)") from None
     if isinstance(port, bool) or not 0 <= value <= 65535:
-        raise UserError(f"invalid port {port}: use a number from 0 to 65535 (0 picks a free port)")
+        raise ConfigError(f"invalid port {port}: use a number from 0 to 65535 (0 picks a free port)")
     return value
 
 
@@ -202,9 +202,9 @@ def make_server(root: str | os.PathLike, host: str = "127.0.0.1", port: int = 80
     """
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"{root} is not a directory")
+        raise ConfigError(f"{root} is not a directory")
     if not is_loopback(host) and not allow_remote:
-        raise UserError(f"refusing to serve on {host!r}: only 127.0.0.1/localhost/::1 unless a host is "
+        raise ConfigError(f"refusing to serve on {host!r}: only 127.0.0.1/localhost/::1 unless a host is "
                         "given explicitly")
     port = check_port(port)
     handler = type("Handler", (_Handler,), {"root": root.resolve(), "quiet": quiet})
@@ -216,7 +216,7 @@ def make_server(root: str | os.PathLike, host: str = "127.0.0.1", port: int = 80
     try:
         server = cls((host, port), handler)
     except OverflowError:
-        raise UserError(f"invalid port {port}: use a number from 0 to 65535 (0 picks a free port)") from None
+        raise ConfigError(f"invalid port {port}: use a number from 0 to 65535 (0 picks a free port)") from None
     except OSError as exc:
         raise _bind_error(exc, host, port) from None
     bound = str(server.server_address[0])

@@ -615,7 +615,7 @@ def _open_atlases(run: Run, layers=None) -> list[Atlas]:
         by_name = {**{d.name: ly for ly, d in found.items()}, **{ly: ly for ly in found}}
         missing = [ly for ly in layers if ly not in by_name]
         if missing:
-            raise UserError(f"no atlas for layer(s) {', '.join(missing)} in {run.path}; have: {', '.join(avail)}")
+            raise ConfigError(f"no atlas for layer(s) {', '.join(missing)} in {run.path}; have: {', '.join(avail)}")
         avail = [by_name[ly] for ly in layers]
     if not avail:
         raise RunStateError(f"{root} holds no atlas.json")

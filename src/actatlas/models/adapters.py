@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import ModelError, UserError
 from .spec import ModelSpec, Preprocess, imagenet_classes
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def default_layer(module: nn.Module, input_size: int = 224) -> str:
     if not four_d:
         top = [n for n, _ in module.named_children()]
         if not top:
-            raise UserError("the model has no sub-modules to hook; name the layers explicitly")
+            raise ModelError("the model has no sub-modules to hook; name the layers explicitly")
         log.warning("no module outputs a 4-D [b, c, h, w] tensor; default layer %s is a guess", top[len(top) // 2])
         return top[len(top) // 2]
     by_depth: dict[int, list[tuple[str, tuple[int, ...]]]] = {}
@@ -115,7 +115,7 @@ def _num_outputs(module: nn.Module, size: int) -> int:
         out = module.eval()(torch.zeros(1, 3, size, size, device=device, dtype=dtype))
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UserError(f"the model must return logits [b, k] for an image batch; got {shape}")
+        raise ModelError(f"the model must return logits [b, k] for an image batch; got {shape}")
     return int(out.shape[1])
 
 
@@ -132,7 +132,7 @@ def _load_weights(module: nn.Module, weights: str, sha256: str | None, what: str
     try:
         module.load_state_dict(load_state_dict(path), strict=True)
     except RuntimeError as e:
-        raise UserError(f"weights {path} do not fit {what}: {str(e)[:800]}") from e
+        raise ModelError(f"weights {path} do not fit {what}: {str(e)[:800]}") from e
     return str(path)
 
 
@@ -156,7 +156,7 @@ def torchvision_model(name: str, weights: str | None = None, sha256: str | None 
         default_weights = torchvision.models.get_model_weights(name).DEFAULT
     except Exception as e:  # noqa: BLE001
         avail = ", ".join(sorted(torchvision.models.list_models())[:20])
-        raise UserError(f"unknown torchvision model {name!r} ({e}). Some available: {avail}, ...") from e
+        raise ModelError(f"unknown torchvision model {name!r} ({e}). Some available: {avail}, ...") from e
     info: dict = {"adapter": "torchvision", "torchvision": torchvision.__version__}
     if weights is None:
         module = torchvision.models.get_model(name, weights="DEFAULT")
@@ -204,7 +204,7 @@ def timm_model(name: str, weights: str | None = None, sha256: str | None = None)
     try:
         module = timm.create_model(name, pretrained=weights is None)
     except RuntimeError as e:
-        raise UserError(f"cannot create timm model {name!r}: {e}") from e
+        raise ModelError(f"cannot create timm model {name!r}: {e}") from e
     info: dict = {"adapter": "timm", "timm": timm.__version__}
     if weights is not None:
         info["weights"] = _load_weights(module, weights, sha256, f"timm:{name}")
@@ -236,24 +236,24 @@ def factory_model(target: str, weights: str | None = None, sha256: str | None = 
     """
     modname, sep, attr = target.partition(":")
     if not sep or not modname or not attr:
-        raise UserError(f"model {target!r}: expected 'package.module:factory'")
+        raise ModelError(f"model {target!r}: expected 'package.module:factory'")
     try:
         mod = importlib.import_module(modname)
     except Exception as e:  # ImportError, or any error the module raises while it is imported
-        raise UserError(f"cannot import module {modname!r} for model {target!r}: "
+        raise ModelError(f"cannot import module {modname!r} for model {target!r}: "
                         f"{type(e).__name__}: {e}") from e
     obj = mod
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise UserError(f"module {modname!r} has no attribute {attr!r} (model {target!r})")
+            raise ModelError(f"module {modname!r} has no attribute {attr!r} (model {target!r})")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise UserError(f"{target!r} is not callable (it is a {type(obj).__name__})")
+        raise ModelError(f"{target!r} is not callable (it is a {type(obj).__name__})")
     try:
         result = obj(**kw)
     except Exception as e:  # the user's factory failed: say where, without our traceback
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"model factory {target!r} raised {type(e).__name__}: {first}") from e
+        raise ModelError(f"model factory {target!r} raised {type(e).__name__}: {first}") from e
     info = {"adapter": "factory", "factory": target, "kwargs": {k: repr(v) for k, v in kw.items()}}
     if isinstance(result, ModelSpec):
         spec = result
@@ -262,7 +262,7 @@ def factory_model(target: str, weights: str | None = None, sha256: str | None = 
         spec.info = {**info, **spec.info}
         return spec
     if not isinstance(result, nn.Module):
-        raise UserError(f"{target!r} returned a {type(result).__name__}; expected an nn.Module or a ModelSpec")
+        raise ModelError(f"{target!r} returned a {type(result).__name__}; expected an nn.Module or a ModelSpec")
     module = result
     if weights is not None:
         info["weights"] = _load_weights(module, weights, sha256, target)

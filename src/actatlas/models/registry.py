@@ -11,7 +11,7 @@ import fnmatch
 import inspect
 import logging
 
-from ..errors import UserError
+from ..errors import ModelError
 from . import efficientnet, inception  # noqa: F401  (their factories register in the catalog)
 from .catalog import DESCRIPTIONS, FACTORIES, register  # noqa: F401  (register re-exported)
 from .spec import ModelSpec
@@ -43,7 +43,7 @@ def load_model(name: str, weights: str | None = None, sha256: str | None = None,
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             extra = sorted(set(kwargs) - set(params))
             if extra:
-                raise UserError(f"model {name!r} takes no option {', '.join(extra)}")
+                raise ModelError(f"model {name!r} takes no option {', '.join(extra)}")
         spec = factory(weights=weights, sha256=sha256, **kwargs)
     elif name.startswith("torchvision:"):
         from .adapters import torchvision_model
@@ -58,7 +58,7 @@ def load_model(name: str, weights: str | None = None, sha256: str | None = None,
 
         spec = factory_model(name, weights=weights, sha256=sha256, **kwargs)
     else:
-        raise UserError(
+        raise ModelError(
             f"unknown model {name!r}. Available: {', '.join(list_models())}; "
             "or torchvision:<name>, timm:<name>, package.module:factory"
         )

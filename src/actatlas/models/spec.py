@@ -167,7 +167,7 @@ class ModelSpec:
         if name in self._module_names:
             return name
         aliases = ", ".join(self.layers) if self.layers else "(none)"
-        raise UserError(
+        raise ModelError(
             f"unknown layer {name!r} for model {self.name!r}. Aliases: {aliases}. "
             f"Run 'actatlas layers {self.name}' for every hookable layer."
         )
