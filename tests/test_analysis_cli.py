@@ -5,10 +5,7 @@ errors for unknown classes, reload and skip-when-unchanged."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -105,11 +102,10 @@ def test_class_atlas_cli(tiny_run, tmp_path, capsys):  # noqa: F811
 
 
 def test_unknown_class_is_a_clear_error(tiny_run, tmp_path, capsys):  # noqa: F811
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-m", "actatlas.cli", "class-atlas", str(tiny_run.path), "--class", "cc3",
-                          "--out", str(tmp_path / "x")], capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 2, res.stderr
-    assert "did you mean" in res.stderr and "c3" in res.stderr and "Traceback" not in res.stderr
+    rc = main(["class-atlas", str(tiny_run.path), "--class", "cc3", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "did you mean" in err and "c3" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
     assert main(["compare", str(tiny_run.path), "--left", "c1", "--right", "99", "-q"]) == 2
     assert "out of range" in capsys.readouterr().err

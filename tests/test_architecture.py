@@ -166,6 +166,7 @@ def test_library_states_a_torch_range_not_a_pin():
     assert re.search(r"^torch==", pins, re.M)
 
 
+@pytest.mark.slow  # fresh interpreters
 @pytest.mark.parametrize("module", ["actatlas", "actatlas.cli", "actatlas.pipeline", "actatlas.export"])
 def test_modules_import_cleanly_in_a_fresh_interpreter(module):
     import subprocess

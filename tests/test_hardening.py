@@ -199,6 +199,7 @@ LOCK_HOLDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a second process holds the lock
 def test_every_stage_command_refuses_while_another_process_holds_the_run(tmp_path, capsys):
     out = tmp_path / "run"
     _build(out, levels=(2,))
@@ -220,6 +221,7 @@ def test_every_stage_command_refuses_while_another_process_holds_the_run(tmp_pat
     assert rc == 0, err
 
 
+@pytest.mark.slow  # a second process holds the lock
 def test_run_lock_is_reentrant_in_one_process(tmp_path):
     with run_lock(tmp_path, "build"):
         with run_lock(tmp_path, "stage"):

@@ -523,6 +523,7 @@ def test_max_pixels_skips_before_decoding(tmp_path):
     assert Image.MAX_IMAGE_PIXELS == limit_before  # nothing process-wide was changed
 
 
+@pytest.mark.slow  # measures memory in a subprocess
 def test_max_pixels_memory_stays_small(tmp_path):
     """Refusing a 13000 x 13000 PNG (169 MP, 0.5 GB as RGB) costs no memory: measured in a fresh
     process as its peak RSS growth (ru_maxrss) across the load."""
