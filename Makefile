@@ -24,7 +24,7 @@ demo: install
 	$(VENV)/bin/actatlas export $(RUN) --out $(RUN)/site --single-file -q
 	@echo
 	@echo "The atlas is in $(RUN)/atlas/blocks.8/: level-10.png and level-20.png (canvases),"
-	@echo "level-*.json (cells: counts, top classes, fidelity) and $(RUN)/summary.json."
+	@echo "level-*.json (cells: counts, top classes, icon scores) and $(RUN)/summary.json."
 	@echo "Explore it in a browser: open $(RUN)/site/index.html, or run .venv/bin/actatlas serve $(RUN)"
 
 test: install
