@@ -20,10 +20,10 @@ import warnings
 
 from ..errors import UserError
 from ..version import __version__
-from . import atlas, data, patches, views
+from . import article, atlas, data, patches, views
 from .common import FlagNames, flag_names, parse_layers, parse_levels, runtime_of
 
-GROUPS = (data, atlas, patches, views)
+GROUPS = (data, atlas, patches, views, article)
 COMMANDS = {name: fn for group in GROUPS for name, fn in group.COMMANDS.items()}
 
 
