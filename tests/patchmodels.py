@@ -39,3 +39,17 @@ def balanced_tiny_cnn(num_classes: int = 10):
         m.fc.weight.div_(sd[:, None])
         m.fc.bias.sub_(mu).div_(sd)
     return spec
+
+
+def labelled_folder(spec, folder, n: int, seed: int, name: str = "im{k:02d}.png"):
+    """`n` generated images saved under `folder`/c<class>/ by `spec`'s own predictions, so every image
+    is "correctly classified". Returns (images, predicted classes)."""
+    rng = np.random.default_rng(seed)
+    imgs = [generated_image(rng) for _ in range(n)]
+    x = torch.from_numpy(np.stack([np.asarray(spec.preprocess.geometry(im)).transpose(2, 0, 1) for im in imgs]))
+    with torch.no_grad():
+        pred = spec.module(spec.preprocess.normalize(x)).argmax(1).tolist()
+    for k, (im, c) in enumerate(zip(imgs, pred)):
+        (folder / f"c{c}").mkdir(parents=True, exist_ok=True)
+        im.save(folder / f"c{c}" / name.format(k=k))
+    return imgs, pred

@@ -409,21 +409,12 @@ def _grey16_gradient(path: Path) -> tuple[Path, np.ndarray]:
 def _patch_world(tmp_path: Path):
     """A folder of small images labelled by the tiny patch model's own predictions, and a target
     class different from at least one image's class."""
-    import torch
-
     import actatlas as aa
-    from patchmodels import generated_image  # tests/ on sys.path
+    from patchmodels import labelled_folder  # tests/ on sys.path
 
     spec = aa.load_model("patchmodels:balanced_tiny_cnn")
-    rng = np.random.default_rng(5)
-    imgs = [generated_image(rng) for _ in range(6)]
-    x = torch.from_numpy(np.stack([np.asarray(spec.preprocess.geometry(im)).transpose(2, 0, 1) for im in imgs]))
-    with torch.no_grad():
-        pred = spec.module(spec.preprocess.normalize(x)).argmax(1).tolist()
     folder = tmp_path / "imgs"
-    for k, (im, c) in enumerate(zip(imgs, pred)):
-        (folder / f"c{c}").mkdir(parents=True, exist_ok=True)
-        im.save(folder / f"c{c}" / f"im{k}.png")
+    _, pred = labelled_folder(spec, folder, 6, seed=5, name="im{k}.png")
     target = next(c for c in range(10) if c != pred[0])
     return folder, target
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from actatlas.errors import ModelError, UserError
+from actatlas.hooks import capture
 from actatlas.models import ModelSpec, list_models, load_model
 from actatlas.models.adapters import default_layer, factory_model, timm_model, torchvision_model
 from actatlas.models.layers import Conv2dSame, MaxPool2dSame, fold_batchnorms, same_padding
@@ -301,16 +302,10 @@ def test_inceptionv1_random_init_shapes(incv1):
 
 
 def test_inceptionv1_softmax2_is_the_softmax_of_the_logits(incv1):
-    x = _incv1_input()
-    out = {}
-    h = incv1.module.softmax2.register_forward_hook(lambda _m, _i, o: out.__setitem__("p", o))
-    try:
-        with torch.no_grad():
-            logits = incv1.module(x)
-    finally:
-        h.remove()
+    with torch.no_grad(), capture(incv1.module, ["softmax2"]) as out:
+        logits = incv1.module(_incv1_input())
     assert logits.shape == (1, 1008)                      # the forward returns the logits
-    torch.testing.assert_close(out["p"], torch.softmax(logits, dim=1))
+    torch.testing.assert_close(out["softmax2"], torch.softmax(logits, dim=1))
 
 
 def test_inceptionv1_sizes_at_80px(incv1):
@@ -337,16 +332,10 @@ def test_inceptionv1_random_init_is_deterministic_and_leaves_global_rng(caplog):
 
 
 def test_inceptionv1_mixed5b_attributions_sum_to_logit_minus_bias(incv1):
-    x = _incv1_input()
-    got = {}
-    h = incv1.module.mixed5b.register_forward_hook(lambda _m, _i, o: got.__setitem__("h", o))
-    try:
-        with torch.no_grad():
-            logits = incv1.module(x)
-    finally:
-        h.remove()
+    with torch.no_grad(), capture(incv1.module, ["mixed5b"]) as got:
+        logits = incv1.module(_incv1_input())
     fc = incv1.module.softmax2_pre_activation
-    attr = torch.einsum("kc,bchw->bkhw", fc.weight, got["h"]) / 49
+    attr = torch.einsum("kc,bchw->bkhw", fc.weight, got["mixed5b"]) / 49
     torch.testing.assert_close(attr.sum(dim=(2, 3)), logits - fc.bias, rtol=1e-4, atol=1e-3)
 
 

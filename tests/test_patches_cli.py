@@ -38,19 +38,12 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from patchmodels import generated_image  # tests/ on sys.path
+    from patchmodels import labelled_folder  # tests/ on sys.path
 
     root = tmp_path_factory.mktemp("patches")
     spec = aa.load_model(MODEL)
-    rng = np.random.default_rng(1)
-    imgs = [generated_image(rng) for _ in range(48)]
-    x = torch.from_numpy(np.stack([np.asarray(spec.preprocess.geometry(im)).transpose(2, 0, 1) for im in imgs]))
-    with torch.no_grad():
-        pred = spec.module(spec.preprocess.normalize(x)).argmax(1).tolist()
     folder = root / "imgs"
-    for k, (im, c) in enumerate(zip(imgs, pred)):
-        (folder / f"c{c}").mkdir(parents=True, exist_ok=True)
-        im.save(folder / f"c{c}" / f"im{k:02d}.png")
+    imgs, pred = labelled_folder(spec, folder, 48, seed=1)
     counts = Counter(pred)
     target = counts.most_common(1)[0][0]
     rare = [c for c, n in counts.items() if 1 <= n < 5 and c != target]

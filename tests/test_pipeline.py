@@ -175,8 +175,12 @@ def test_runtime_precedence_collect_config_device_is_kept(tmp_path, monkeypatch)
 
     seen = []
     real = pl.collect_activations
-    monkeypatch.setattr(pl, "collect_activations", lambda spec, src, out, cfg, **kw: (seen.append(cfg), real(
-        spec, src, out, cfg, **kw))[1])
+
+    def recording(spec, src, out, cfg, **kw):
+        seen.append(cfg)
+        return real(spec, src, out, cfg, **kw)
+
+    monkeypatch.setattr(pl, "collect_activations", recording)
     with pytest.raises(aa.UserError, match="CUDA|cuda"):
         tiny_build(tmp_path / "a", collect=aa.CollectConfig(device="cuda:99"), runtime=None)
     tiny_build(tmp_path / "b", collect=aa.CollectConfig(per_image=2, threads=1), runtime=None, levels=(2,))
@@ -200,8 +204,8 @@ def test_save_site_and_show_from_the_built_atlas(built, tmp_path):
 def test_settings_added_later_keep_older_runs_hashes():
     """A RenderConfig field added after runs were made (redirected_relu, default None = the model's own
     default) must not change the render stage's hash of a run that never set it."""
-    from actatlas.pipeline import _config_dict
+    from actatlas.stages import settings_record
 
-    d = _config_dict(fast_render())
+    d = settings_record(fast_render())
     assert "redirected_relu" not in d and "device" not in d
-    assert _config_dict(fast_render(redirected_relu=True))["redirected_relu"] is True
+    assert settings_record(fast_render(redirected_relu=True))["redirected_relu"] is True

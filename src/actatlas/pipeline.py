@@ -30,7 +30,7 @@ from .collect import CollectConfig
 from .collect import collect as collect_activations
 from .data import ImageSource
 from .data import images as make_images
-from .errors import ConfigError, RunStateError, UserError
+from .errors import ConfigError, RunStateError
 from .grid import GridLevel, grid_levels, load_grid, save_grid
 from .layout import Layout, LayoutConfig, compute_layout, load_layout, save_layout
 from .models import ModelSpec, Preprocess, load_model, prepare_spec, spec_from_module
@@ -41,7 +41,8 @@ from .runtime import Runtime
 from .scores import VERSION as SCORES_VERSION
 from .scores import (TOP, ScoreConfig, centre_scores_inputs, patch_vividness, sample_members, score_level,
                      summarize_level, top_classes_of)
-from .stages import StageReport, config_hash, read_manifest, run_stage, stage_hash, update_manifest
+from .stages import (StageReport, config_hash, read_manifest, run_stage, settings_record, stage_hash,
+                     update_manifest)
 from .store import ensure_dir, layer_dirname, run_lock, save_npy_atomic, save_npz_atomic, write_json_atomic
 from .whiten import whitening_matrix
 
@@ -114,21 +115,6 @@ class BuildReport:
 # helpers
 
 
-def _config_dict(cfg) -> dict:
-    """A stage's settings for its hash: without the process's device, and without settings added
-    later whose value is "as before" (so runs made before they existed keep their hashes)."""
-    d = dataclasses.asdict(cfg)
-    for k in ("device", "progress"):
-        d.pop(k, None)
-    for k in ADDED_SETTINGS:
-        if d.get(k, "absent") is None:
-            d.pop(k)
-    return d
-
-
-ADDED_SETTINGS = ("redirected_relu",)   # RenderConfig fields whose None default keeps older runs' hashes
-
-
 def check_layer(run: Run, layer: str | None) -> str:
     """`layer` if it was collected in `run` (None: the first collected layer); else a UserError."""
     if layer is None:
@@ -149,7 +135,7 @@ def run_layout(run_dir: str | Path, layer: str | None = None, cfg: LayoutConfig 
     run = open_run(run_dir)
     layer = check_layer(run, layer)
     cfg = cfg or LayoutConfig()
-    record = {"collect": stage_hash(run_dir, "collect"), "layer": layer, "layout": _config_dict(cfg)}
+    record = {"collect": stage_hash(run_dir, "collect"), "layer": layer, "layout": settings_record(cfg)}
     out = run_dir / "layout"
 
     def fn(resume):
@@ -246,7 +232,7 @@ def run_render(run_dir: str | Path, layer: str | None = None, cfg: RenderConfig 
     layer = check_layer(run, layer)
     cfg = cfg or RenderConfig.cpu_default()
     device = cfg.device or runtime.device
-    record = {"grid": stage_hash(run_dir, f"grid:{layer}"), "render": _config_dict(cfg)}
+    record = {"grid": stage_hash(run_dir, f"grid:{layer}"), "render": settings_record(cfg)}
     S = None
     if cfg.whiten:
         wh = run_whiten(run_dir, layer, ridge)

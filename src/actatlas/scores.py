@@ -371,14 +371,14 @@ def score_level(*, means: np.ndarray, cell_top: np.ndarray, S: np.ndarray | None
         loo_raw = loo_white = np.full(m, -1, np.int64)
     vv = vividness(icons, cfg.frame, cfg.grey_tol) if m else {k: np.zeros(0) for k in
                                                                ("colourfulness", "contrast", "border_fill")}
-    counts = np.array([len(p) for p in patches], np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    n_patches = np.array([len(p) for p in patches], np.int64)
+    starts = np.concatenate([[0], np.cumsum(n_patches)[:-1]]).astype(np.int64)
     pv = np.asarray(patch_values, np.float64).reshape(-1, 3)
     first = pv[starts] if m and len(pv) else np.full((m, 3), np.nan)
     med = np.full((m, 3), np.nan)
     readable = np.zeros(m, np.int64)
     for c in range(m):
-        block = pv[starts[c]:starts[c] + counts[c]]
+        block = pv[starts[c]:starts[c] + n_patches[c]]
         ok = np.isfinite(block).all(axis=1)
         readable[c] = int(ok.sum())
         if ok.any():

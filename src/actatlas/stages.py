@@ -17,6 +17,7 @@ process, so a second process is refused instead of interleaving its writes. A st
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -36,6 +37,24 @@ MANIFEST = "manifest.json"
 def config_hash(record: dict) -> str:
     """A short, stable hash of a JSON-able settings record (key order does not matter)."""
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# RunConfig fields added after runs were made whose None default means "as before": left out of a
+# record at that value, so the hashes of runs made before they existed do not change
+ADDED_SETTINGS = ("redirected_relu",)
+PROCESS_FIELDS = ("device", "progress")   # where/how the work runs, not what it computes
+
+
+def settings_record(cfg) -> dict:
+    """A config dataclass as the settings part of a stage record: without the process's fields
+    (`PROCESS_FIELDS`) and without later-added settings left at their None default (`ADDED_SETTINGS`)."""
+    d = dataclasses.asdict(cfg)
+    for k in PROCESS_FIELDS:
+        d.pop(k, None)
+    for k in ADDED_SETTINGS:
+        if k in d and d[k] is None:
+            del d[k]
+    return d
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -122,5 +141,5 @@ def run_stage(directory: str | Path, key: str, record: dict, fn: Callable[[bool]
     return StageReport(key, True, seconds, h)
 
 
-__all__ = ["config_hash", "read_manifest", "update_manifest", "StageReport", "stage_entry", "stage_hash",
+__all__ = ["config_hash", "settings_record", "read_manifest", "update_manifest", "StageReport", "stage_entry", "stage_hash",
            "run_stage", "MANIFEST"]

@@ -53,7 +53,7 @@ from ..models.spec import resolve_class
 from ..pipeline import best_member_fidelity, check_layer, load_run_model, run_whiten
 from ..render import RenderConfig, render_icons
 from ..run import open_run
-from ..stages import config_hash, run_stage, stage_hash
+from ..stages import config_hash, run_stage, settings_record, stage_hash
 from ..store import ensure_dir, layer_dirname, save_png_atomic, write_json_atomic
 from .classes import FILTERS, ClassAtlas, class_atlas
 from .compare import Y_METHODS, Candidate, Comparison, cell_sides, compare
@@ -144,12 +144,6 @@ def _setup(run_dir, layer, render_cfg):
                         "attributions='full' for class atlases and comparisons")
     cfg = render_cfg or RenderConfig.cpu_default()
     return run_dir, run, layer, cfg, stage_hash(run_dir, "collect")
-
-
-def _render_record(cfg) -> dict:
-    d = dataclasses.asdict(cfg)
-    d.pop("device", None)
-    return d
 
 
 def _up_to_date(out: Path, kind: str, key: str) -> bool:
@@ -378,7 +372,7 @@ def class_atlas_and_render(run_dir, layer: str | None, cls, *, mode: str = "winn
     lcfg_rec = dataclasses.asdict(layout_cfg) if layout_cfg is not None else None
     key_rec = {"kind": CLASS_ATLAS, "format": FORMAT, "collect": chash, "layer": layer, "class": c, "mode": mode,
                "top": int(top), "grid": int(grid), "min_count": int(min_count), "layout": lcfg_rec,
-               "render": _render_record(cfg), "ridge": ridge, "viewer": viewer, "patches": patches_per_cell}
+               "render": settings_record(cfg), "ridge": ridge, "viewer": viewer, "patches": patches_per_cell}
     views: list = []
 
     def compute(key: str) -> None:
@@ -481,7 +475,7 @@ def compare_and_render(run_dir, layer: str | None, left, right, *, top: int = 20
                                              / f"{class_slug(a, names[a])}--{class_slug(b, names[b])}")
     key_rec = {"kind": COMPARISON, "format": FORMAT, "collect": chash, "layer": layer, "left": a, "right": b,
                "top": int(top), "grid": int(grid), "y": y_method, "min_count": int(min_count), "seed": int(seed),
-               "render": _render_record(cfg), "ridge": ridge, "viewer": viewer, "patches": patches_per_cell}
+               "render": settings_record(cfg), "ridge": ridge, "viewer": viewer, "patches": patches_per_cell}
     views: list = []
 
     def compute(key: str) -> None:

@@ -11,7 +11,7 @@ from ..errors import RunStateError
 from ..export import export_site, serve
 from ..export.serve import check_port
 from ..pipeline import build_atlas, check_layer, run_assemble, run_grid, run_layout, run_render
-from ..run import open_run
+from ..run import load_run_model, open_run
 from ..store import ensure_dir
 from .common import (add_common, add_engine_args, add_grid_args, add_layout_args, add_max_pixels, add_model_args,
                      add_render_args, emit, layout_config, load_model_of, model_options,
@@ -93,9 +93,14 @@ def cmd_grid(args) -> None:
 def cmd_render(args) -> None:
     runtime = runtime_of(args)
     cfg = render_config(args)
-    layer = check_layer(open_run(args.run), args.layer)
-    ren = run_render(args.run, layer, cfg, progress=runtime.progress, runtime=runtime)
-    asm = run_assemble(args.run, layer, ren)
+    run = open_run(args.run)
+    layer = check_layer(run, args.layer)
+    try:
+        spec = load_run_model(run, runtime.model_device)    # once, for the icons and their scores
+    except RunStateError:
+        spec = None     # a model given as an object: the stages say so only if they need it
+    ren = run_render(args.run, layer, cfg, spec=spec, progress=runtime.progress, runtime=runtime)
+    asm = run_assemble(args.run, layer, ren, spec=spec, progress=runtime.progress, device=runtime.model_device)
     emit(args, {"stage": ren.report.name, "ran": ren.report.ran, "seconds": ren.report.seconds,
                 "pngs": {str(g): str(p) for g, p in asm.pngs.items()}},
          stage_line(ren.report) + "\n" + "\n".join(f"level {g}: {p}" for g, p in asm.pngs.items()))
