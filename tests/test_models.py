@@ -148,7 +148,7 @@ def photo_batch():
 def test_registry_lists_builtin_models():
     names = list_models()
     assert "efficientnet_lite0" in names and "inceptionv1" in names
-    assert list_models("eff*") == ["efficientnet_lite0"]
+    assert list_models("eff*") == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 
 
 def test_lite0_spec(lite0):

