@@ -35,7 +35,8 @@ class AtlasLevel:
     icons uint8 [m, P, P, 3]; fidelity [m] (the icon's objective alignment: cos to the target it was
     optimised toward; `objective_alignment`), member_fidelity [m] (the same for the best real member);
     scores: the honest icon scores {name: [m]} (`actatlas.scores.SCORE_KEYS`; empty when not computed,
-    e.g. an atlas saved before they existed).
+    e.g. an atlas saved before they existed); steps: int64 [m] optimiser steps spent on each icon, all
+    attempts together (None when not recorded).
     """
 
     size: int
@@ -49,6 +50,12 @@ class AtlasLevel:
     member_fidelity: np.ndarray
     grid: Any = field(default=None, repr=False, compare=False)  # the GridLevel it was built from, if known
     scores: dict = field(default_factory=dict, repr=False, compare=False)
+    steps: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def mean_steps(self) -> float | None:
+        """Optimiser steps actually spent per icon, on average (None when not recorded or no cells)."""
+        return float(np.mean(self.steps)) if self.steps is not None and len(self.steps) else None
 
     @property
     def objective_alignment(self) -> np.ndarray:
@@ -132,12 +139,14 @@ class Atlas:
         recs = level_to_records(level, self.class_names, None, digits=5, unknown_name=True)
         names = [k for k in SCORE_KEYS if k in level.scores]
         cols = {k: np.asarray(level.scores[k]).tolist() for k in names}
+        steps = np.asarray(level.steps).tolist() if level.steps is not None else None
         out = []
         for c, (rec, f, mf) in enumerate(zip(recs, np.asarray(level.fidelity, np.float64).tolist(),
                                              np.asarray(level.member_fidelity, np.float64).tolist())):
             out.append({**rec, "objective_alignment": round(f, 4), "best_member_objective_alignment": round(mf, 4),
                         "fidelity": round(f, 4), "member_fidelity": round(mf, 4),
                         **{k: score_value(k, cols[k][c]) for k in names},
+                        **({"steps": int(steps[c])} if steps is not None else {}),
                         "icon": f"level-{level.size}/cell-{rec['i']}-{rec['j']}.png"})
         return out
 
@@ -162,6 +171,7 @@ class Atlas:
             np.savez(d / f"level-{lv.size}.npz", i=lv.i, j=lv.j, count=lv.count, top_classes=lv.top_classes,
                      top_values=lv.top_values, icons=lv.icons, fidelity=lv.fidelity,
                      member_fidelity=lv.member_fidelity,
+                     **({"steps": np.asarray(lv.steps, np.int64)} if lv.steps is not None else {}),
                      **{f"{SCORE_PREFIX}{k}": np.asarray(v) for k, v in lv.scores.items()})
         write_json_atomic(d / "atlas.json", {"layer": self.layer, "levels": [lv.size for lv in self.levels],
                                              "class_names": self.class_names, "summary": self.summary})

@@ -35,7 +35,7 @@ from .grid import GridLevel, grid_levels, load_grid, save_grid
 from .layout import Layout, LayoutConfig, compute_layout, load_layout, save_layout
 from .models import ModelSpec, Preprocess, load_model, prepare_spec, spec_from_module
 from .render import RenderConfig, fidelity_of_activations
-from .render.icons import render_icon_batch
+from .render.icons import ICON_ARRAYS, render_icon_batch
 from .run import Run, load_run_model, open_run
 from .runtime import Runtime
 from .scores import VERSION as SCORES_VERSION
@@ -77,7 +77,8 @@ class WhitenResult:
 
 @dataclass
 class RenderResult:
-    """Icons per level size: {G: {"images": uint8 [m, P, P, 3], "objective": [m], "fidelity": [m]}}."""
+    """Icons per level size: {G: {"images": uint8 [m, P, P, 3], "objective": [m], "fidelity": [m],
+    "steps": int64 [m] optimiser steps spent per icon (absent for units committed by an older version)}}."""
 
     report: StageReport
     icons: dict[int, dict[str, np.ndarray]]
@@ -215,15 +216,40 @@ def _batches(level: GridLevel, batch_size: int) -> list[tuple[int, slice]]:
     return [(b, slice(a, min(a + batch_size, m))) for b, a in enumerate(range(0, m, batch_size))]
 
 
+COMMIT_BATCHES = 8
+"""With the continuous loop (`RenderConfig.continuous`) a committed unit holds this many optimiser batches,
+so that finished icons' slots are refilled from a queue long enough to keep the batch full."""
+
+
+def commit_size(cfg: RenderConfig) -> int:
+    """Icons per committed (and resumable) unit of the render stage."""
+    return cfg.batch_size * (COMMIT_BATCHES if cfg.continuous else 1)
+
+
+def parent_cells(level: GridLevel, parent: GridLevel) -> np.ndarray:
+    """int64 [m]: for each kept cell of `level`, the index of the kept cell of the coarser `parent` level
+    that holds its centre (((i + 0.5) G'/G, (j + 0.5) G'/G), the grid's binning), or -1 when that cell
+    was not kept. When G' divides G the levels nest and every member of the cell is a member of its
+    parent, so a kept cell always has one (a parent has at least as many members)."""
+    G, Gp = level.size, parent.size
+    pi = np.minimum(((np.asarray(level.i, np.int64) * 2 + 1) * Gp) // (2 * G), Gp - 1)
+    pj = np.minimum(((np.asarray(level.j, np.int64) * 2 + 1) * Gp) // (2 * G), Gp - 1)
+    index = {(int(a), int(b)): k for k, (a, b) in enumerate(zip(parent.i, parent.j))}
+    return np.array([index.get((int(a), int(b)), -1) for a, b in zip(pi, pj)], np.int64)
+
+
 def run_render(run_dir: str | Path, layer: str | None = None, cfg: RenderConfig | None = None, ridge: float = 1e-2,
                spec: ModelSpec | None = None, progress: bool = True, runtime: Runtime | None = None) -> RenderResult:
     """Stage: one icon per kept cell of every level (method.md §1.9–1.11) -> ``RUN/icons/<layer>``.
 
-    Icons are rendered and committed in batches (one ``.npz`` per batch, written atomically), each
-    batch with its own seed, so an interrupted render resumes and yields the same icons.
-    ``runtime.engine`` "local" renders the batches here, one after another; "ray" runs one Ray task
-    per batch (``runtime.threads`` CPUs each, or one GPU each with a CUDA device) and commits each
-    as it finishes. Both call `render_icon_batch` with the same seeds.
+    Icons are rendered and committed in units (one ``.npz`` per unit, written atomically; a unit is one
+    optimiser batch, or `COMMIT_BATCHES` of them with the continuous loop), each with its own seed, so
+    an interrupted render resumes and yields the same icons. Levels render coarse to fine; with
+    ``cfg.warm_start == "parent"`` each icon of a finer level starts from the icon of its parent cell
+    (`parent_cells`) in the next coarser level. ``runtime.engine`` "local" renders the units here, one
+    after another; "ray" runs one Ray task per unit (``runtime.threads`` CPUs each, or one GPU each with
+    a CUDA device), a level at a time, and commits each as it finishes. Both call `render_icon_batch`
+    with the same seeds and starts.
     """
     runtime = runtime or Runtime(device=(cfg.device if cfg and cfg.device else "cpu"), progress=progress,
                                  numba_cache=False)
@@ -238,7 +264,8 @@ def run_render(run_dir: str | Path, layer: str | None = None, cfg: RenderConfig 
         wh = run_whiten(run_dir, layer, ridge)
         S, record["whiten_hash"] = wh.S, wh.report.hash
     out = run_dir / "icons" / layer_dirname(layer)
-    levels = load_grid(run_dir / "grid", layer)
+    levels = sorted(load_grid(run_dir / "grid", layer), key=lambda lv: lv.size)
+    unit = commit_size(cfg)
 
     def done_path(level, b):
         return out / f"level-{level.size}" / f"batch-{b:05d}.npz"
@@ -246,17 +273,30 @@ def run_render(run_dir: str | Path, layer: str | None = None, cfg: RenderConfig 
     def commit(level, b, arrays):
         p = done_path(level, b)
         ensure_dir(p.parent)
-        save_npz_atomic(p, images=arrays["images"], objective=arrays["objective"], fidelity=arrays["fidelity"])
+        save_npz_atomic(p, **{k: arrays[k] for k in ICON_ARRAYS if k in arrays})
 
     def seeded(lv, b):
         seed = int(config_hash({"seed": cfg.seed, "level": lv.size, "batch": b})[:8], 16)
         return dataclasses.replace(cfg, seed=seed)
 
+    def level_images(lv):
+        return np.concatenate([np.load(done_path(lv, b))["images"] for b, _ in _batches(lv, unit)])
+
+    def starts(k, lv, sl):
+        """(init, init_mask) of the unit: the parent cells' icons (warm start), or (None, None)."""
+        if cfg.warm_start != "parent" or k == 0:
+            return None, None
+        parent = parent_cells(lv, levels[k - 1])[sl]
+        images = level_images(levels[k - 1])
+        init = np.zeros((len(parent), cfg.icon_size, cfg.icon_size, 3), np.uint8)
+        init[parent >= 0] = images[parent[parent >= 0]]
+        return init, parent >= 0
+
     def fn(resume):
         nonlocal spec
         if not resume and out.exists():
             shutil.rmtree(out)
-        todo = [(lv, b, sl) for lv in levels for b, sl in _batches(lv, cfg.batch_size)
+        todo = [(k, lv, b, sl) for k, lv in enumerate(levels) for b, sl in _batches(lv, unit)
                 if not done_path(lv, b).is_file()]
         if not todo:
             return
@@ -265,29 +305,36 @@ def run_render(run_dir: str | Path, layer: str | None = None, cfg: RenderConfig 
         module_layer = run.config["module_layers"][layer]
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(sl.stop - sl.start for _, _, sl in todo), disable=not progress, unit="icon",
+        bar = tqdm(total=sum(sl.stop - sl.start for *_, sl in todo), disable=not progress, unit="icon",
                    desc=f"render {layer}")
         if runtime.engine == "ray":
             from .ray_engine import ray_render
 
-            jobs = [((lv, b, sl), lv.mean_activation[sl], seeded(lv, b)) for lv, b, sl in todo]
-            for (lv, b, sl), arrays in ray_render(spec, module_layer, jobs, S, device=device,
-                                                  threads=runtime.threads, address=runtime.address):
-                commit(lv, b, arrays)
-                bar.update(sl.stop - sl.start)
+            # a level at a time when icons start from their parents', else everything at once
+            waves = ([[job for job in todo if job[0] == k] for k in range(len(levels))]
+                     if cfg.warm_start == "parent" else [todo])
+            for wave in waves:
+                jobs = [((lv, b, sl), lv.mean_activation[sl], seeded(lv, b), *starts(k, lv, sl))
+                        for k, lv, b, sl in wave]
+                for (lv, b, sl), arrays in ray_render(spec, module_layer, jobs, S, device=device,
+                                                      threads=runtime.threads, address=runtime.address):
+                    commit(lv, b, arrays)
+                    bar.update(sl.stop - sl.start)
         else:
-            for lv, b, sl in todo:
+            for k, lv, b, sl in todo:
+                init, mask = starts(k, lv, sl)
                 commit(lv, b, render_icon_batch(spec, module_layer, lv.mean_activation[sl], seeded(lv, b), S,
-                                                render=render_pkg.render_icons))
+                                                render=render_pkg.render_icons, init=init, init_mask=mask))
                 bar.update(sl.stop - sl.start)
         bar.close()
 
     rep = run_stage(run_dir, f"render:{layer}", record, fn,
-                    lambda: all(done_path(lv, b).is_file() for lv in levels for b, _ in _batches(lv, cfg.batch_size)))
+                    lambda: all(done_path(lv, b).is_file() for lv in levels for b, _ in _batches(lv, unit)))
     icons = {}
     for lv in levels:
-        parts = [np.load(done_path(lv, b)) for b, _ in _batches(lv, cfg.batch_size)]
-        icons[lv.size] = {k: np.concatenate([p[k] for p in parts]) for k in ("images", "objective", "fidelity")}
+        parts = [np.load(done_path(lv, b)) for b, _ in _batches(lv, unit)]
+        icons[lv.size] = {k: np.concatenate([p[k] for p in parts]) for k in ICON_ARRAYS
+                          if all(k in p.files for p in parts)}
     return RenderResult(rep, icons, S)
 
 
@@ -437,7 +484,7 @@ def run_assemble(run_dir: str | Path, layer: str, render: RenderResult, scores: 
             levels.append(AtlasLevel(size=g.size, i=g.i, j=g.j, count=g.count, top_classes=g.top_classes,
                                      top_values=g.top_values, icons=ic["images"], fidelity=ic["fidelity"],
                                      member_fidelity=best_member_fidelity(g, acts, render.S), grid=g,
-                                     scores=per_level.get(g.size, {})))
+                                     scores=per_level.get(g.size, {}), steps=ic.get("steps")))
         atlas = Atlas(layer, levels, run.class_names, run_dir=run_dir)
         result["atlas"], result["pngs"] = atlas, atlas.save(adir)
 
@@ -585,6 +632,7 @@ def _summary(out: Path, run: Run, layer: str, atlas: Atlas, reports: list[StageR
         "mean_member_fidelity": _mean([lv.member_fidelity for lv in atlas.levels]),
         "mean_icon_objective_alignment": _mean([lv.fidelity for lv in atlas.levels]),
         "mean_best_member_objective_alignment": _mean([lv.member_fidelity for lv in atlas.levels]),
+        "mean_steps": _mean([lv.steps for lv in atlas.levels if lv.steps is not None]),
         "stages_run": [r.name for r in reports if r.ran],
         "seconds_this_call": {r.name: round(r.seconds, 3) for r in reports},
         "seconds_recorded": stage_seconds,
@@ -600,7 +648,7 @@ def _level_summary(lv: AtlasLevel) -> dict:
     icon = float(lv.fidelity.mean()) if len(lv.i) else None
     member = float(lv.member_fidelity.mean()) if len(lv.i) else None
     out = {"size": lv.size, "cells": int(len(lv.i)), "samples_used": int(lv.count.sum()),
-           "icon_fidelity": icon, "member_fidelity": member,
+           "mean_steps": lv.mean_steps, "icon_fidelity": icon, "member_fidelity": member,
            "icon_objective_alignment": icon, "best_member_objective_alignment": member}
     if lv.scores:
         out["scores"] = summarize_level(lv.scores, lv.fidelity)

@@ -237,19 +237,21 @@ def ray_batches(spec, layers: dict[str, str], shapes: dict, source, plan: Sequen
 # rendering through Ray tasks
 
 
-def _render_task(recipe: ModelRecipe, layer: str, directions: np.ndarray, cfg, S, device: str, threads: int):
+def _render_task(recipe: ModelRecipe, layer: str, directions: np.ndarray, cfg, S, device: str, threads: int,
+                 init=None, init_mask=None):
     from .render.icons import render_icon_batch
 
     if device == "cpu":
         torch.set_num_threads(threads)
     spec = _worker_model(recipe, device)
-    return render_icon_batch(spec, layer, directions, cfg, S)
+    return render_icon_batch(spec, layer, directions, cfg, S, init=init, init_mask=init_mask)
 
 
 def ray_render(spec, layer: str, jobs: Sequence[tuple[object, np.ndarray, object]], S, *, device: str = "cpu",
                threads: int | None = None, address: str | None = None) -> Iterator[tuple[object, dict]]:
     """Render icon batches as Ray tasks. `jobs`: (key, directions [m, c], RenderConfig with the
-    batch's seed). Yields (key, {"images", "objective", "fidelity"}) as tasks finish (any order).
+    batch's seed[, init, init_mask] start images, `render_icon_batch`). Yields (key, its arrays) as
+    tasks finish (any order).
 
     Tasks ask for one GPU each with a CUDA device, else `threads` CPUs; at most twice as many are
     in flight as can run, so the driver's memory stays bounded."""
@@ -266,9 +268,10 @@ def ray_render(spec, layer: str, jobs: Sequence[tuple[object, np.ndarray, object
     inflight: dict = {}
     while queue or inflight:
         while queue and len(inflight) < 2 * n_slots:
-            key, dirs, cfg = queue.pop(0)
+            key, dirs, cfg, *start = queue.pop(0)
             cfg = dataclasses.replace(cfg, device=res.device)
-            ref = task.remote(recipe_ref, layer, np.asarray(dirs, np.float32), cfg, s_ref, res.device, res.threads)
+            ref = task.remote(recipe_ref, layer, np.asarray(dirs, np.float32), cfg, s_ref, res.device, res.threads,
+                              *start)
             inflight[ref] = key
         done, _ = ray.wait(list(inflight), num_returns=1)
         for ref in done:

@@ -29,12 +29,16 @@ from ..errors import ConfigError
 from ..models.spec import ModelSpec
 from ._forward import forward_to_layers, frozen, model_input
 from .objectives import center_vectors, boundary_penalty, direction, direction_cossim, target_vectors
-from .optimize import optimize
+from .optimize import StopRule, optimize, optimize_queue
 from .params import FFTImage
 from .redirect import uses_redirected_relu
 from .transforms import make_transforms
 
 log = logging.getLogger(__name__)
+
+STOPS = ("fixed", "plateau")
+LR_SCHEDULES = ("constant", "cosine", "warmup-cosine")
+WARM_STARTS = ("none", "parent")
 
 __all__ = ["RenderConfig", "IconSet", "render_icons", "render_icon_batch", "fidelity_of_activations",
            "icon_fidelity", "centre_activations"]
@@ -63,6 +67,14 @@ class RenderConfig:
         redirected_relu: Lucid's redirected ReLU gradient during the first 17 steps (`render.redirect`):
             True or False, or None for the model's default (``spec.info["redirected_relu"]``: on for
             inceptionv1 as in Lucid's and lucent's rendering, off for every other model).
+        stop: "fixed" (every attempt runs `steps`) or "plateau" (each icon stops at its own plateau,
+            at most `steps`, and its batch slot takes the next icon: `optimize.StopRule`, issue 12).
+        min_steps, plateau_window, plateau_tol: the plateau rule: after at least `min_steps`, stop once
+            the smoothed objective rose by less than `plateau_tol` over the last `plateau_window` steps.
+        lr_schedule: "constant" (the recipe), "cosine" (lr decays to a tenth at `steps`) or
+            "warmup-cosine" (`optimize.lr_factor`).
+        warm_start: "none" (a random spectrum, the recipe) or "parent": the pipeline starts each icon of
+            a finer level from the icon of the coarser level's cell that contains it (the levels nest).
     """
 
     steps: int = 128
@@ -79,15 +91,22 @@ class RenderConfig:
     device: str | None = None
     per_sample_transforms: bool = False
     redirected_relu: bool | None = None
+    stop: str = "fixed"
+    min_steps: int = 16
+    plateau_window: int = 8
+    plateau_tol: float = 0.002
+    lr_schedule: str = "constant"
+    warm_start: str = "none"
 
     def __post_init__(self):
         bad = []
         for name, lo, hi, unit in (("steps", 0, 100_000, ""), ("attempts", 1, 64, ""),
-                                   ("icon_size", 8, 1024, " px"), ("batch_size", 1, 4096, "")):
+                                   ("icon_size", 8, 1024, " px"), ("batch_size", 1, 4096, ""),
+                                   ("min_steps", 1, 100_000, ""), ("plateau_window", 1, 1000, "")):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
                 bad.append(f"{name}={v!r} is out of range: must be an integer in [{lo}, {hi}]{unit}")
-        for name, lo_open in (("lr", True), ("power", True), ("boundary_weight", False)):
+        for name, lo_open in (("lr", True), ("power", True), ("boundary_weight", False), ("plateau_tol", False)):
             v = getattr(self, name)
             if not isinstance(v, (int, float, np.floating)) or not math.isfinite(v) or v < 0 or (lo_open and v == 0):
                 bad.append(f"{name}={v!r} must be a finite number {'> 0' if lo_open else '>= 0'}")
@@ -99,6 +118,15 @@ class RenderConfig:
             raise ConfigError(f"transforms must be 'recipe', 'notebook' or 'none', not {self.transforms!r}")
         if self.objective not in ("lucid", "cosine", "dot"):
             raise ConfigError(f"objective must be 'lucid', 'cosine' or 'dot', not {self.objective!r}")
+        for name, allowed in (("stop", STOPS), ("lr_schedule", LR_SCHEDULES), ("warm_start", WARM_STARTS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, not {getattr(self, name)!r}")
+
+    @property
+    def continuous(self) -> bool:
+        """Whether icons render through the continuous-batching loop (`optimize_queue`): any of the
+        render-less levers is on. Off (the recipe), the one fixed-length `optimize` loop runs."""
+        return self.stop != "fixed" or self.lr_schedule != "constant" or self.warm_start != "none"
 
     @classmethod
     def cpu_default(cls, **overrides) -> "RenderConfig":
@@ -145,6 +173,7 @@ class IconSet:
         layer: the layer name the icons were rendered for.
         config: the `RenderConfig` used.
         seconds: wall time.
+        steps: int64 [m] optimiser steps spent on each icon, all attempts together (None: not recorded).
     """
 
     images: np.ndarray
@@ -155,6 +184,7 @@ class IconSet:
     layer: str
     config: RenderConfig
     seconds: float = 0.0
+    steps: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -212,7 +242,8 @@ def _seed(*keys: int) -> int:
 
 
 def render_icons(spec: ModelSpec, layer: str, directions: np.ndarray, cfg: RenderConfig | None = None,
-                 S: np.ndarray | None = None, progress: bool = True) -> IconSet:
+                 S: np.ndarray | None = None, progress: bool = True, init: np.ndarray | None = None,
+                 init_mask: np.ndarray | None = None) -> IconSet:
     """Render one icon per direction (method.md §1.9-1.11).
 
     Args:
@@ -222,7 +253,11 @@ def render_icons(spec: ModelSpec, layer: str, directions: np.ndarray, cfg: Rende
         cfg: settings (default `RenderConfig.cpu_default()`).
         S: [c, c] whitening matrix (``actatlas.whiten``), required when ``cfg.whiten``; ignored
             (with a warning) otherwise.
-        progress: a tqdm bar over batches x attempts.
+        progress: a tqdm bar over batches x attempts (over icons with the continuous loop).
+        init: uint8 [m, P, P, 3] images to start from (e.g. the parent cells' icons; `cfg.warm_start`),
+            instead of a random spectrum; with several attempts the first starts there, the others at
+            random. Rendered through the continuous loop (`RenderConfig.continuous`).
+        init_mask: bool [m]: the rows of `init` to start from (the others start at random); None: all.
 
     Returns:
         `IconSet` with images uint8 [m, P, P, 3], objective [m], fidelity [m], attempts_objective
@@ -243,6 +278,16 @@ def render_icons(spec: ModelSpec, layer: str, directions: np.ndarray, cfg: Rende
     m, P, A = len(dirs), cfg.icon_size, cfg.attempts
     transforms = make_transforms(cfg.transforms, P, cfg.per_sample_transforms)
     redirect = uses_redirected_relu(cfg.redirected_relu, spec.info)
+    if init is not None:
+        init = np.asarray(init)
+        if init.shape != (m, P, P, 3) or init.dtype != np.uint8:
+            raise ValueError(f"init must be uint8 [{m}, {P}, {P}, 3], got {init.dtype} {init.shape}")
+        init_mask = np.ones(m, bool) if init_mask is None else np.asarray(init_mask, bool)
+        if init_mask.shape != (m,):
+            raise ValueError(f"init_mask must be bool [{m}], got shape {init_mask.shape}")
+    if cfg.continuous or init is not None:
+        return _render_continuous(spec, layer, layer_name, dirs, cfg, S, transforms, redirect, init, init_mask,
+                                  device, progress)
 
     images = np.zeros((m, P, P, 3), dtype=np.uint8)
     attempts_obj = np.full((A, m), -np.inf, dtype=np.float64)
@@ -291,18 +336,93 @@ def render_icons(spec: ModelSpec, layer: str, directions: np.ndarray, cfg: Rende
     log.info("rendered %d icons (%d px, %d steps x %d attempts) for %s in %.1f s", m, P, cfg.steps, A,
              layer, seconds)
     return IconSet(images=images, objective=objective, fidelity=fidelity, attempts_objective=attempts_obj,
-                   best_attempt=best, layer=layer, config=cfg, seconds=seconds)
+                   best_attempt=best, layer=layer, config=cfg, seconds=seconds,
+                   steps=np.full(m, cfg.steps * A, np.int64))
+
+
+def _objectives(layer_name: str, dirs: np.ndarray, S, cfg: RenderConfig):
+    """(direction term, full objective) for the target rows `dirs`."""
+    if cfg.objective == "dot":
+        main = direction(layer_name, dirs, S=S)
+    else:
+        main = direction_cossim(layer_name, dirs, S=S, power=cfg.power, variant=cfg.objective)
+    return main, (main + cfg.boundary_weight * boundary_penalty(5) if cfg.boundary_weight else main)
+
+
+def _render_continuous(spec, layer, layer_name, dirs, cfg: RenderConfig, S, transforms, redirect, init, init_mask,
+                       device, progress) -> IconSet:
+    """`render_icons` through `optimize_queue`: every (attempt, icon) is one item of the queue, started
+    from `init` (attempt 0) or a spectrum seeded by (seed, attempt, icon), so an icon's start does not
+    depend on which icons share its batch; each stops by `cfg`'s rule; the best attempt is kept."""
+    m, P, A = len(dirs), cfg.icon_size, cfg.attempts
+    t0 = time.perf_counter()
+
+    def make_param(b):   # its random start is overwritten; a local generator leaves the global RNG alone
+        return FFTImage(b, P, P, device=device, generator=torch.Generator().manual_seed(0))
+
+    starts = []
+    for a in range(A):
+        for k in range(m):
+            gen = torch.Generator().manual_seed(_seed(cfg.seed, a, k))
+            starts.append(FFTImage(1, P, P, generator=gen).spectrum.detach())
+    start = torch.cat(starts, dim=1) if starts else torch.zeros(2, 0, 3, P, P // 2 + 1)
+    if init is not None and init_mask.any():
+        rows = np.flatnonzero(init_mask)
+        x = torch.as_tensor(init[rows]).permute(0, 3, 1, 2).float() / 255.0
+        start[:, torch.as_tensor(rows)] = make_param(1).spectrum_of(x).cpu()
+    stop = StopRule(max_steps=cfg.steps, plateau=cfg.stop == "plateau", min_steps=min(cfg.min_steps, cfg.steps),
+                    window=cfg.plateau_window, tol=cfg.plateau_tol)
+    bar = None
+    if progress and m:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=m * A, desc=f"icons {layer}", unit="icon")
+    try:
+        res = optimize_queue(
+            spec, make_param, start, lambda items: _objectives(layer_name, dirs[np.asarray(items) % m], S, cfg)[1],
+            transforms, stop, cfg.batch_size, lr=cfg.lr, schedule=cfg.lr_schedule,
+            generator=torch.Generator().manual_seed(_seed(cfg.seed, 1_000_003)),
+            make_record=lambda items: _objectives(layer_name, dirs[np.asarray(items) % m], S, cfg)[0],
+            redirected_relu=redirect, on_done=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    rec = res.record.reshape(A, m) if m else np.zeros((A, 0))
+    best = np.argmax(rec, axis=0) if m else np.zeros(0, np.int64)
+    imgs = res.images.reshape(A, m, 3, P, P) if m else torch.zeros(A, 0, 3, P, P)
+    images = _to_uint8(imgs[torch.as_tensor(best), torch.arange(m)]) if m else np.zeros((0, P, P, 3), np.uint8)
+    objective = rec[best, np.arange(m)] if m else np.zeros(0)
+    fidelity = (icon_fidelity(spec, layer_name, images, dirs, S, device=device, batch_size=cfg.batch_size)
+                if m else np.zeros(0))
+    steps = res.steps.reshape(A, m).sum(axis=0) if m else np.zeros(0, np.int64)
+    seconds = time.perf_counter() - t0
+    log.info("rendered %d icons (%d px, %.1f steps per icon on average, at most %d x %d attempts) for %s in %.1f s",
+             m, P, float(steps.mean()) if m else 0.0, cfg.steps, A, layer, seconds)
+    return IconSet(images=images, objective=objective, fidelity=fidelity, attempts_objective=rec,
+                   best_attempt=best.astype(np.int64), layer=layer, config=cfg, seconds=seconds, steps=steps)
+
+
+ICON_ARRAYS = ("images", "objective", "fidelity", "steps")
+"""What the render stage stores per icon (`render_icon_batch`)."""
 
 
 def render_icon_batch(spec: ModelSpec, layer: str, directions: np.ndarray, cfg: RenderConfig,
-                      S: np.ndarray | None = None, render=None) -> dict[str, np.ndarray]:
-    """The engine-independent unit of the render stage: one committed batch of icons.
+                      S: np.ndarray | None = None, render=None, init: np.ndarray | None = None,
+                      init_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The engine-independent unit of the render stage: one committed unit of icons.
 
-    `render_icons` without a progress bar, returning only what the pipeline stores:
-    {"images": uint8 [m, P, P, 3], "objective": [m], "fidelity": [m]}. The local loop and the Ray
-    tasks both call this, with the batch's own seed in `cfg`, so they give the same icons.
+    `render_icons` without a progress bar, returning only what the pipeline stores (`ICON_ARRAYS`):
+    {"images": uint8 [m, P, P, 3], "objective": [m], "fidelity": [m], "steps": int64 [m]}. The local
+    loop and the Ray tasks both call this, with the unit's own seed in `cfg`, so they give the same icons.
+    `init` uint8 [m, P, P, 3] / `init_mask` bool [m]: start images for the rows where the mask is True
+    (all rows without a mask); the other rows start at random.
     `render`: the renderer to call (default `render_icons`; the pipeline passes the package's
     attribute so a substituted one, e.g. in a test, is used).
     """
-    icons = (render or render_icons)(spec, layer, directions, cfg, S=S, progress=False)
-    return {"images": icons.images, "objective": icons.objective, "fidelity": icons.fidelity}
+    kwargs = {}
+    if init is not None and (init_mask is None or np.asarray(init_mask).any()):
+        kwargs = {"init": init, "init_mask": init_mask}
+    icons = (render or render_icons)(spec, layer, directions, cfg, S=S, progress=False, **kwargs)
+    steps = icons.steps if icons.steps is not None else np.full(len(icons.images), cfg.steps * cfg.attempts)
+    return {"images": icons.images, "objective": icons.objective, "fidelity": icons.fidelity,
+            "steps": np.asarray(steps, np.int64)}

@@ -100,6 +100,20 @@ class FFTImage(nn.Module):
     def forward(self) -> torch.Tensor:
         return torch.sigmoid(self.pre_sigmoid())
 
+    @torch.no_grad()
+    def spectrum_of(self, images: torch.Tensor, eps: float = 0.5 / 255) -> torch.Tensor:
+        """The spectrum [2, n, 3, h, w//2+1] whose image is `images` [n, 3, h, w] in [0, 1] (the exact
+        inverse of `forward` for 3 decorrelated or plain channels, values clipped to [eps, 1 - eps] first,
+        since the sigmoid never reaches 0 or 1). A start from a given image, e.g. a parent cell's icon."""
+        if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (self.h, self.w):
+            raise ValueError(f"images must be [n, 3, {self.h}, {self.w}], got {tuple(images.shape)}")
+        x = images.to(self.scale.device, torch.float32).clamp(eps, 1 - eps)
+        t = torch.log(x) - torch.log1p(-x)                      # logit
+        if self.decorrelate:
+            t = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(self.color), t)
+        spec = torch.fft.rfft2(4.0 * t, s=(self.h, self.w), norm="backward") / self.scale
+        return torch.stack([spec.real, spec.imag])
+
     def extra_repr(self) -> str:
         return (f"batch={self.batch}, h={self.h}, w={self.w}, channels={self.channels}, "
                 f"alpha={self.alpha}, decorrelate={self.decorrelate}")

@@ -55,18 +55,28 @@ class RedirectSchedule:
 
     steps: int = REDIRECT_STEPS
     step: int = 0
+    images: torch.Tensor | None = None
 
     def set_step(self, step: int) -> None:
         self.step = int(step)
+        self.images = None
+
+    def set_image_steps(self, steps: torch.Tensor) -> None:
+        """Per-image steps [b] (continuous batching, where every image of the batch is at its own step):
+        image b has the redirected gradient while ``steps[b] < self.steps``."""
+        self.images = torch.as_tensor(steps) < self.steps
+        self.step = 0 if bool(self.images.any()) else self.steps
 
     @property
     def active(self) -> bool:
         return self.step < self.steps
 
 
-def redirected_relu_grad(x: torch.Tensor, grad: torch.Tensor, upper: float | None = None) -> torch.Tensor:
+def redirected_relu_grad(x: torch.Tensor, grad: torch.Tensor, upper: float | None = None,
+                         images: torch.Tensor | None = None) -> torch.Tensor:
     """The redirected input gradient of relu (``upper=None``) or relu6 (``upper=6``) at input `x` for the
-    incoming gradient `grad` (dloss/dy), both [b, ...] (see the module docstring)."""
+    incoming gradient `grad` (dloss/dy), both [b, ...] (see the module docstring). `images`: bool [b],
+    the images that get it (the others get the true gradient); None: all."""
     if upper is None:
         inside = x > 0
         blocked = (x <= 0) & (grad > 0)
@@ -79,6 +89,8 @@ def redirected_relu_grad(x: torch.Tensor, grad: torch.Tensor, upper: float | Non
         flows = (true_grad != 0).flatten(1).any(dim=1).view(-1, *([1] * (x.dim() - 1)))
     else:
         flows = (true_grad != 0).any()
+    if images is not None and x.dim() >= 2:
+        flows = flows | ~images.to(x.device).view(-1, *([1] * (x.dim() - 1)))
     return torch.where(flows, true_grad, redirected)
 
 
@@ -86,15 +98,16 @@ class _RedirectedClamp(torch.autograd.Function):
     """relu / relu6 forward; `redirected_relu_grad` backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, upper: float | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, upper: float | None, images: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.upper = upper
+        ctx.images = images
         return F.relu(x) if upper is None else F.relu6(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
-        return redirected_relu_grad(x, grad, ctx.upper), None
+        return redirected_relu_grad(x, grad, ctx.upper, ctx.images), None, None
 
 
 class RedirectedReLU(nn.Module):
@@ -111,7 +124,7 @@ class RedirectedReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.schedule.active and torch.is_grad_enabled() and x.requires_grad:
-            return _RedirectedClamp.apply(x, self.upper)
+            return _RedirectedClamp.apply(x, self.upper, self.schedule.images)
         return F.relu(x) if self.upper is None else F.relu6(x)
 
     def extra_repr(self) -> str:
