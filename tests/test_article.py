@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from actatlas.analysis import article
 from actatlas.analysis.article import ARTICLE, experiments
 from actatlas.cli import main
 from actatlas.stages import read_manifest
@@ -29,7 +30,7 @@ def _labels(path: Path) -> Path:
 
 
 @pytest.mark.slow  # InceptionV1 on CPU, UMAP, t-SNE, icon rendering: about 2-3 minutes on 2 cores
-def test_reproduce_article_tiny(tmp_path, capsys):
+def test_reproduce_article_tiny(tmp_path, capsys, monkeypatch):
     if not (SAMPLE / "classes.tsv").is_file():
         pytest.skip(f"the shared ImageNet sample is absent ({SAMPLE})")
     weights = tmp_path / "inception5h.pth"
@@ -73,8 +74,19 @@ def test_reproduce_article_tiny(tmp_path, capsys):
         assert ("too few photos of the source class" in attack["note"]
                 or by[f"compare {left} vs {right}"]["status"] == "skipped")
     assert by["patch attacks pooled"]["status"] == "skipped"
-    assert "not implemented yet" in by["fireboat analysis"]["note"]
-    assert "not implemented yet" in by["sample size 100k vs all"]["note"]
+    assert not any("not implemented" in e["note"] for e in report)
+    # 24 samples: far fewer fireboat-attributed activations than the cluster count needs (then skipped)
+    fire = by["fireboat analysis"]
+    assert fire["status"] == "done" or "too few activations attributed to fireboat" in fire["note"], fire
+    if fire["status"] == "done":
+        assert fire["ours"]["mixed5b_clusters"] >= 1 and fire["ours"]["mixed4d_clusters"] >= 1
+    size = by["sample size 100k vs all"]
+    assert size["status"] == "done", size
+    ours = size["ours"]
+    assert ours["samples"] == LIMIT and ours["subset"] == LIMIT // 2 and ours["grid"] == 4   # tiny: half, G = 4
+    assert [lv["grid"] for lv in ours["by_level"]] == by["atlas mixed4c"]["ours"]["levels"]
+    assert ours["cells_all"] == by["atlas mixed4c"]["ours"]["cells"][0]
+    assert 0.0 <= ours["share_best_cosine_ge_0.9"] <= 1.0 and size["article"]["subset"] == 100_000
     assert by["patch attack snorkel -> scuba diver"]["article"]["static_success"] == 0.654
 
     md = (out / "report.md").read_text()
@@ -90,3 +102,19 @@ def test_reproduce_article_tiny(tmp_path, capsys):
     assert json.loads((out / "report.json").read_text()) == report
     stages = read_manifest(out)["stages"]
     assert all(st["status"] == "complete" for st in stages.values())
+
+    # the fireboat analysis end to end on these 24 samples: with its row minimum lowered only it reruns
+    # (mixed4d laid out, clusters counted on both layers, the figure drawn)
+    monkeypatch.setattr(article, "MIN_CLUSTER_ROWS", 4)
+    assert main(argv) == 0
+    third = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(third["stages_run"]) == {"experiment:fireboat analysis", "report"}
+    fire = {e["name"]: e for e in json.loads((out / "report.json").read_text())}["fireboat analysis"]
+    assert fire["status"] == "done", fire
+    for layer in ("mixed5b", "mixed4d"):
+        s = fire["ours"][layer]
+        assert 4 <= s["rows"] <= LIMIT and 1 <= s["clusters"] == len(s["shares"]) == fire["ours"][f"{layer}_clusters"]
+        assert abs(sum(s["shares"]) - 1) < 1e-3 and s["largest_share"] == max(s["shares"])
+        assert all(len(t) == 3 for t in s["cluster_top_classes"])
+    assert (out / "experiments" / "fireboat-analysis" / "clusters.png").is_file()
+    assert "![fireboat analysis](experiments/fireboat-analysis/clusters.png)" in (out / "report.md").read_text()

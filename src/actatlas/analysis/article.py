@@ -9,12 +9,15 @@ the public functions: ``pipeline.build_atlas`` (mixed4c, mixed4a, mixed5b atlase
 with full attributions), ``analysis.views.class_atlas_and_render`` (four classes),
 ``analysis.views.compare_and_render`` (three comparisons and their candidate cells) and
 ``analysis.attack`` (candidate cells of the target side rendered as patches, attacking photos of the
-source class, static and dynamic success against the noise control, pooled over the comparisons).
+source class, static and dynamic success against the noise control, pooled over the comparisons),
+``analysis.clusters`` (the fireboat analysis: the clusters of fireboat's activations on the mixed5b and
+mixed4d layouts; the collection holds mixed4d for it) and ``analysis.sample_size`` (the mixed4c atlas's
+cell means against those of a random subset binned on the same layout at the same grid sizes).
 
 An experiment that cannot run (the images hold no photo of a class it needs, too few photos of a source
 class, an upstream experiment not done) is recorded as "skipped" with the reason; one that raises is
-"failed" with the reason; the others still run. The fireboat analysis and the sample-size check are
-listed as "skipped: not implemented yet".
+"failed" with the reason; the others still run. The single-image patch numbers (§4.2) are listed as
+"skipped": they need the article's own photos and patches.
 
 ``OUT/`` holds::
 
@@ -44,7 +47,8 @@ import numpy as np
 from ..collect_batch import CollectConfig
 from ..data import images as make_images
 from ..errors import ConfigError, RunLockedError, UserError
-from ..layout import LayoutConfig
+from ..grid import load_grid
+from ..layout import LayoutConfig, load_layout
 from ..models import load_model
 from ..models.spec import resolve_class
 from ..pipeline import build_atlas, run_assemble, run_grid, run_layout, run_render
@@ -54,12 +58,18 @@ from ..runtime import Runtime
 from ..stages import config_hash, run_stage, stage_entry
 from ..store import ensure_dir, write_atomic, write_json_atomic
 from .attack import LabelledImages, render_patches, run_patch_attack
+from .classes import top_rows
+from .clusters import DOMINANT_SHARE, class_clusters, cluster_figure
+from .sample_size import THRESHOLD, sample_size_check
 from .views import class_atlas_and_render, compare_and_render, load_comparison
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-LAYERS = ("mixed4c", "mixed4a", "mixed5b")     # the first is built with the collection
+LAYERS = ("mixed4c", "mixed4a", "mixed5b")     # atlases; the first is built with the collection
+COLLECTED = LAYERS + ("mixed4d",)              # mixed4d: laid out for the fireboat analysis only
+FIREBOAT_LAYERS = ("mixed5b", "mixed4d")
+MIN_CLUSTER_ROWS = 30     # fewer fireboat-attributed activations at a layer: the fireboat analysis is skipped
 
 # name -> wnid of every class the experiments use (method.md Appendix A; the class atlases' four classes
 # from ImageNet's synset list). Classes resolve by wnid when the labels have wnids, else by name.
@@ -67,6 +77,7 @@ WNIDS = {
     "red fox": "n02119022", "ibex": "n02417914", "artichoke": "n07718747", "great white shark": "n01484850",
     "snorkel": "n04251144", "scuba diver": "n10565667", "grey whale": "n02066245", "frying pan": "n03400231",
     "wok": "n04596742", "steam locomotive": "n04310018", "baseball": "n02799071", "carbonara": "n07831146",
+    "fireboat": "n03344393", "streetcar": "n04335435",
 }
 NAME_VARIANTS = {"grey whale": ("gray whale",), "great white shark": ("white shark",)}
 
@@ -121,16 +132,21 @@ ARTICLE: dict[str, dict] = {
                                    "grey whale": 0.9095, "great white shark (baseball-01, r=0.4, top-left)": 0.6670,
                                    "frying pan": 0.7652, "wok (noodles-03, r=0.4, top-left)": 0.6613},
     "fireboat analysis": {"finding": "mixed5b: one dominant fireboat cluster; mixed4d: >= 3 clusters "
-                                     "(windows, water/spray, cranes); the windows cluster's top class is streetcar"},
+                                     "(windows, water/spray, cranes); the windows cluster's top class is streetcar",
+                          "mixed5b_clusters": "1 (one main cluster: red boats, spray)",
+                          "mixed5b_one_dominant": True,
+                          "mixed4d_clusters": ">= 3 (windows, geysers/splashing water, cranes)",
+                          "mixed4d_at_least_3": True,
+                          "mixed4d_a_cluster_top_class_is_streetcar": True},
     "sample size 100k vs all": {"finding": "100,000 activations 'often sufficient': each 1M cell mean has a "
-                                           "100k cell mean at cosine >= 0.9 (G = 20, proposed)"},
+                                           "100k cell mean at cosine >= 0.9 (G = 20, proposed)",
+                                "layer": "mixed4c", "grid": 20, "samples": 1_000_000, "subset": 100_000,
+                                f"share_best_cosine_ge_{THRESHOLD:g}": 1.0},
 }
 
 NOT_IMPLEMENTED = {
     "single-image patch numbers": "skipped: needs the article's own photos and hand-made patches "
                                   "(lucid-static assets), which this command does not download",
-    "fireboat analysis": "skipped: not implemented yet (needs a mixed4d atlas and a cluster count)",
-    "sample size 100k vs all": "skipped: not implemented yet (needs a second atlas on 100k samples)",
 }
 
 
@@ -145,7 +161,8 @@ class ArticleScale:
     comparison grid and rows per class; view_min_count: smallest kept cell of both; patches: candidate
     cells rendered as patches per comparison; patch_px: their side; sizes: patch sides tried (fractions
     of the image); attack_images: source photos used at most; min_photos: fewer photos of a source class
-    than this and its attack is skipped."""
+    than this and its attack is skipped; subset_rows / subset_fraction: the sample-size check's subset
+    (rows, else this fraction of the collected samples)."""
 
     name: str
     images: int | None
@@ -165,6 +182,8 @@ class ArticleScale:
     attack_images: int | None
     min_photos: int
     class_photos: int | None      # photos per article class put first into the sample (None: all)
+    subset_rows: int | None = None
+    subset_fraction: float | None = None
 
     def render_config(self, device: str | None) -> RenderConfig:
         base = RenderConfig.article() if self.name == "full" else RenderConfig.cpu_default()
@@ -175,12 +194,13 @@ SCALES = {
     "tiny": ArticleScale(name="tiny", images=300, per_image=1, levels=(4, 8), levels_5b=(4, 8), min_count=2,
                          render=dict(steps=16, attempts=1, icon_size=32, batch_size=16), class_grid=4,
                          class_top=200, compare_grid=4, compare_top=200, view_min_count=2, patches=2,
-                         patch_px=64, sizes=(0.3, 0.5), attack_images=50, min_photos=5, class_photos=10),
+                         patch_px=64, sizes=(0.3, 0.5), attack_images=50, min_photos=5, class_photos=10,
+                         subset_fraction=0.5),    # 10% of a few hundred samples keeps no cell: half of them
     "full": ArticleScale(name="full", images=1_000_000, per_image=1, levels=(20, 40, 80, 160),
                          levels_5b=(20, 40, 80, 160, 320), min_count=6, render={}, class_grid=8, class_top=2000,
                          compare_grid=10, compare_top=2000, view_min_count=4, patches=10, patch_px=224,
                          sizes=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7), attack_images=1000, min_photos=50,
-                         class_photos=None),
+                         class_photos=None, subset_rows=100_000),
 }
 
 
@@ -305,7 +325,7 @@ def _atlas(ctx: _Ctx, layer: str) -> dict:
     levels = sc.levels_5b if layer == "mixed5b" else sc.levels
     lcfg, rcfg = LayoutConfig(seed=ctx.seed), ctx.render()
     if layer == LAYERS[0]:
-        ccfg = CollectConfig(layers=LAYERS, per_image=sc.per_image, attributions="full", seed=ctx.seed,
+        ccfg = CollectConfig(layers=COLLECTED, per_image=sc.per_image, attributions="full", seed=ctx.seed,
                              device=ctx.runtime.device)
         atlas = build_atlas(str(ctx.list_file), out=ctx.run_dir, model=ctx.spec, layer=None, levels=levels,
                             min_count=sc.min_count, collect=ccfg, layout=lcfg, render=rcfg, runtime=ctx.runtime)
@@ -342,6 +362,70 @@ def _depth(ctx: _Ctx) -> dict:
     inc = all(a is not None and b is not None and a < b for a, b in zip(seq, seq[1:]))
     return {"ours": {"mean_abs_top_attribution": vals, "increases_with_depth": inc},
             "note": "mean over the atlases' cells of |mean attribution to the cell's top class|"}
+
+
+def _fireboat(ctx: _Ctx) -> dict:
+    """method.md §3.1 / §7 B7: fireboat's activations (the "top" filter: largest positive attribution to
+    fireboat, at most the scale's class_top rows) on the full layouts of mixed5b and mixed4d, their
+    clusters counted by ``clusters.count_clusters`` (k-means, k by silhouette, k = 1 below 0.5)."""
+    sc = ctx.scale
+    c = _class(ctx.spec, "fireboat")
+    try:
+        streetcar = ctx.spec.class_names[_class(ctx.spec, "streetcar")]
+    except _Skip:
+        streetcar = None
+    run = open_run(ctx.run_dir)
+    rows = {}
+    for layer in FIREBOAT_LAYERS:
+        attr = run.attributions(layer)
+        if attr is None:
+            raise _Skip(f"the collection holds no attributions at {layer}")
+        rows[layer] = top_rows(attr, c, sc.class_top)
+    if any(len(r) < MIN_CLUSTER_ROWS for r in rows.values()):
+        told = ", ".join(f"{len(r)} at {layer}" for layer, r in rows.items())
+        raise _Skip(f"too few activations attributed to fireboat to count clusters ({told}; positive attribution, "
+                    f"top {sc.class_top}); {MIN_CLUSTER_ROWS} per layer needed (sample more images)")
+    lcfg = LayoutConfig(seed=ctx.seed)
+    res, panels = {}, []
+    for layer in FIREBOAT_LAYERS:
+        coords = run_layout(ctx.run_dir, layer, lcfg, progress=ctx.progress).layout.coords
+        res[layer] = class_clusters(layer, coords, run.attributions(layer), rows[layer], seed=ctx.seed)
+        panels.append((f"{layer}: fireboat's activations by cluster", coords, res[layer]))
+    fig = cluster_figure(ctx.exp_dir / slug("fireboat analysis") / "clusters.png", panels)
+    s5, s4 = (res[x].summary(ctx.spec.class_names) for x in FIREBOAT_LAYERS)
+    ours = {"mixed5b_clusters": s5["clusters"], "mixed5b_largest_share": s5["largest_share"],
+            "mixed5b_one_dominant": bool(s5["clusters"] == 1 or s5["largest_share"] >= DOMINANT_SHARE),
+            "mixed4d_clusters": s4["clusters"], "mixed4d_largest_share": s4["largest_share"],
+            "mixed4d_at_least_3": bool(s4["clusters"] >= 3),
+            "mixed4d_a_cluster_top_class_is_streetcar": (None if streetcar is None else
+                                                         any(t and t[0] == streetcar for t in s4["cluster_top_classes"])),
+            "mixed5b": s5, "mixed4d": s4}
+    return {"ours": ours, "figures": [_rel(ctx, fig)],
+            "note": f"rows: the largest positive attributions to fireboat (at most {sc.class_top}) on each layer's full "
+                    "layout; k-means on their positions, k = 2..8 by mean silhouette, 1 cluster when it is below "
+                    f"0.5; one dominant: 1 cluster or the largest holds >= {DOMINANT_SHARE:g} of the rows"}
+
+
+def _sample_size(ctx: _Ctx) -> dict:
+    """method.md §6 / §7 B8: the mixed4c atlas's cell means (all samples) against those of a random
+    subset binned on the same layout at the same levels and threshold (``sample_size.sample_size_check``)."""
+    sc = ctx.scale
+    layer = LAYERS[0]
+    run = open_run(ctx.run_dir)
+    coords = load_layout(ctx.run_dir / "layout", layer).coords
+    n = len(coords)
+    size = sc.subset_rows if sc.subset_rows is not None else int(round((sc.subset_fraction or 0.0) * n))
+    if not 1 <= size < n:
+        raise _Skip(f"the collection holds {n} samples at {layer}: a subset of {size} cannot be compared with them "
+                    "(sample more images)")
+    levels = sample_size_check(coords, run.activations(layer), load_grid(ctx.run_dir / "grid", layer), size,
+                               seed=ctx.seed)
+    ours = {"layer": layer, **levels[0], "by_level": levels}
+    how = (f"{sc.subset_rows} rows" if sc.subset_rows is not None else f"{sc.subset_fraction:g} of the samples")
+    return {"ours": ours,
+            "note": f"subset: {how} drawn at random (seeded), binned on the atlas's own layout at its levels and "
+                    f"cell threshold; per atlas cell mean the best cosine to any subset cell mean (headline: the "
+                    f"first level, G = {levels[0]['grid']}); same-cell cosine where the subset keeps the cell"}
 
 
 def _class_atlas(ctx: _Ctx, name: str) -> dict:
@@ -474,6 +558,9 @@ def experiments() -> list[_Experiment]:
                         needs=() if layer == LAYERS[0] else (f"atlas {LAYERS[0]}",), params={"layer": layer})
             for layer in LAYERS]
     exps.append(_Experiment("attribution by depth", _depth, needs=tuple(f"atlas {x}" for x in LAYERS)))
+    exps.append(_Experiment("fireboat analysis", _fireboat, needs=("atlas mixed5b",),
+                            params={"layers": list(FIREBOAT_LAYERS), "min_rows": MIN_CLUSTER_ROWS}))
+    exps.append(_Experiment("sample size 100k vs all", _sample_size, needs=(f"atlas {LAYERS[0]}",)))
     for name in CLASS_ATLASES:
         exps.append(_Experiment(f"class atlas {name}", (lambda ctx, name=name: _class_atlas(ctx, name)),
                                 needs=("atlas mixed5b",), params={"class": name}))
