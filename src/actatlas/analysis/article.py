@@ -59,7 +59,7 @@ from ..stages import config_hash, run_stage, stage_entry
 from ..store import ensure_dir, write_atomic, write_json_atomic
 from .attack import LabelledImages, render_patches, run_patch_attack
 from .classes import top_rows
-from .clusters import DOMINANT_SHARE, class_clusters, cluster_figure
+from .clusters import DOMINANT_SHARE, K_MAX, MIN_SILHOUETTE, class_clusters, cluster_figure
 from .sample_size import THRESHOLD, sample_size_check
 from .views import class_atlas_and_render, compare_and_render, load_comparison
 
@@ -367,7 +367,8 @@ def _depth(ctx: _Ctx) -> dict:
 def _fireboat(ctx: _Ctx) -> dict:
     """method.md §3.1 / §7 B7: fireboat's activations (the "top" filter: largest positive attribution to
     fireboat, at most the scale's class_top rows) on the full layouts of mixed5b and mixed4d, their
-    clusters counted by ``clusters.count_clusters`` (k-means, k by silhouette, k = 1 below 0.5)."""
+    clusters counted by ``clusters.count_clusters`` (k-means, k by silhouette, k = 1 below 0.5).
+    k-means splits long or curved groups, so on such shapes the count is an upper estimate (see the figure)."""
     sc = ctx.scale
     c = _class(ctx.spec, "fireboat")
     try:
@@ -397,13 +398,14 @@ def _fireboat(ctx: _Ctx) -> dict:
             "mixed5b_one_dominant": bool(s5["clusters"] == 1 or s5["largest_share"] >= DOMINANT_SHARE),
             "mixed4d_clusters": s4["clusters"], "mixed4d_largest_share": s4["largest_share"],
             "mixed4d_at_least_3": bool(s4["clusters"] >= 3),
-            "mixed4d_a_cluster_top_class_is_streetcar": (None if streetcar is None else
-                                                         any(t and t[0] == streetcar for t in s4["cluster_top_classes"])),
+            "mixed4d_a_cluster_top_class_is_streetcar": (
+                None if streetcar is None else any(t and t[0] == streetcar for t in s4["cluster_top_classes"])),
             "mixed5b": s5, "mixed4d": s4}
     return {"ours": ours, "figures": [_rel(ctx, fig)],
-            "note": f"rows: the largest positive attributions to fireboat (at most {sc.class_top}) on each layer's full "
-                    "layout; k-means on their positions, k = 2..8 by mean silhouette, 1 cluster when it is below "
-                    f"0.5; one dominant: 1 cluster or the largest holds >= {DOMINANT_SHARE:g} of the rows"}
+            "note": f"rows: the largest positive attributions to fireboat (at most {sc.class_top}) on each layer's "
+                    f"full layout; k-means on their positions, k = 2..{K_MAX} by mean silhouette, 1 cluster when it "
+                    f"is below {MIN_SILHOUETTE:g}; one dominant: 1 cluster or the largest holds >= "
+                    f"{DOMINANT_SHARE:g} of the rows"}
 
 
 def _sample_size(ctx: _Ctx) -> dict:

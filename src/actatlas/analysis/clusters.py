@@ -13,6 +13,8 @@ layout, and counted by one deterministic rule (`count_clusters`):
   Rousseeuw (1990) call a clustering's structure weak or possibly artificial: the rows form one group.
 
 Clusters are numbered by size, largest first; ``largest_share`` says whether one of them dominates.
+k-means looks for compact groups: a long or curved group (a band or ring on the layout) is cut into
+pieces, so for such shapes the count is an upper estimate; the figure (`cluster_figure`) shows them.
 """
 
 from __future__ import annotations
