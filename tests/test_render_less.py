@@ -183,3 +183,28 @@ def test_render_stage_records_steps_and_warm_starts(tmp_path, build_tiny):
     assert "render:" + atlas.layer not in [r.name for r in again.report.stages if r.ran]
     loaded = actatlas.Atlas.load(out / "atlas" / atlas.layer)
     assert np.array_equal(loaded.levels[-1].steps, atlas.levels[-1].steps)
+
+
+def test_default_positions_fill_the_finest_level():
+    from actatlas.pipeline import positions_note, positions_per_image
+
+    assert positions_per_image(1000, (10, 20, 40)) == 4        # 2.5 x 40^2 = 4000 samples
+    assert positions_per_image(1000, (10, 20)) == 1
+    assert positions_per_image(10, (80,)) == 16                # capped
+    assert positions_note(1000, 4, (10, 20, 40)) is None
+    note = positions_note(1000, 1, (10, 20, 40))
+    assert "1000 samples are few for level 40" in note and "per_image=4" in note
+    assert "more images or coarser levels" in positions_note(10, 16, (80,))
+
+
+def test_build_picks_positions_per_image_or_warns(tmp_path, build_tiny, caplog):
+    """Without a collect setting, build_atlas picks enough positions per image for the finest level;
+    with an explicit one that is too small, it warns."""
+    from actatlas.run import open_run
+
+    render = RenderConfig.cpu_default(steps=2, icon_size=16, batch_size=8)
+    build_tiny(tmp_path / "auto", levels=(2, 16), collect=None, render=render, limit=40)
+    assert open_run(tmp_path / "auto").config["per_image"] == 16     # 2.5 x 256 / 40 = 16
+    caplog.set_level("WARNING")
+    build_tiny(tmp_path / "few", levels=(2, 16), render=render, limit=40)   # per_image=2 given
+    assert any("are few for level 16" in r.getMessage() for r in caplog.records)

@@ -10,7 +10,8 @@ from ..data import images
 from ..errors import RunStateError
 from ..export import export_site, serve
 from ..export.serve import check_port
-from ..pipeline import build_atlas, check_layer, run_assemble, run_grid, run_layout, run_render
+from ..pipeline import (build_atlas, check_layer, positions_per_image, run_assemble, run_grid,
+                        run_layout, run_render)
 from ..run import load_run_model, open_run
 from ..store import ensure_dir
 from .common import (add_common, add_engine_args, add_grid_args, add_layout_args, add_max_pixels, add_model_args,
@@ -44,7 +45,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", "-o", required=True, help="run directory")
     p.add_argument("--layer", "-l", help="layer name or alias (default: the model's)")
     p.add_argument("--limit", type=int, help="use only the first N images")
-    p.add_argument("--per-image", type=int, default=1, help="random positions per image")
+    p.add_argument("--per-image", type=int, default=None,
+                   help="random positions per image (default: enough for about 2.5 samples per cell of the "
+                        "finest level, at most 16)")
     p.add_argument("--batch-size-collect", type=int, default=32, dest="collect_batch_size")
     add_max_pixels(p)
     p.add_argument("--smooth-maxpool", action="store_true",
@@ -115,7 +118,9 @@ def cmd_build(args) -> None:
     source = images(args.images, max_pixels=args.max_pixels)
     atlas = build_atlas(source, out=args.out, model=spec, layer=args.layer, levels=levels,
                         min_count=args.min_count, limit=args.limit,
-                        collect=CollectConfig(per_image=args.per_image, seed=args.seed,
+                        collect=CollectConfig(per_image=args.per_image or positions_per_image(
+                                                  min(len(source), args.limit or len(source)), levels),
+                                              seed=args.seed,
                                               batch_size=args.collect_batch_size,
                                               smooth_maxpool=args.smooth_maxpool),
                         layout=layout, render=render, runtime=runtime, weights=args.weights, sha256=args.sha256,
