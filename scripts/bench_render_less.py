@@ -40,8 +40,8 @@ from actatlas.run import load_run_model, open_run
 from actatlas.runtime import Runtime, enable_numba_cache
 from actatlas.scores import TOP, activation_scores, centre_scores_inputs, top_classes_of, vividness
 
-OLD_DEFAULT = RenderConfig.cpu_default(steps=128, stop="fixed", lr_schedule="constant", warm_start="none",
-                                       lr=0.05)
+OLD_DEFAULT = RenderConfig(steps=128, attempts=1, icon_size=64, batch_size=8, whiten=True, objective="cosine")
+"""`RenderConfig.cpu_default()` before issue 12 (the recipe's fixed-length loop otherwise)."""
 
 # name -> overrides of the old default (each lever alone, then combined)
 SETTINGS: dict[str, dict] = {
@@ -55,6 +55,14 @@ SETTINGS: dict[str, dict] = {
     "plateau-128": {"stop": "plateau"},
     "parent-32": {"steps": 32, "warm_start": "parent"},
     "parent-16": {"steps": 16, "warm_start": "parent"},
+    "power4-32": {"steps": 32, "power": 4.0},
+    "plateau-64": {"steps": 64, "stop": "plateau"},
+    "parent-plateau-128": {"stop": "plateau", "warm_start": "parent"},
+    "parent-cosine-lr0.1-32": {"steps": 32, "lr": 0.1, "lr_schedule": "cosine", "warm_start": "parent"},
+    "warmup-cosine-lr0.1-32": {"steps": 32, "lr": 0.1, "lr_schedule": "warmup-cosine"},
+    "plateau-tol0.02-128": {"stop": "plateau", "plateau_tol": 0.02},
+    "parent-plateau-tol0.02-128": {"stop": "plateau", "warm_start": "parent", "plateau_tol": 0.02},
+    "parent-lr0.1-plateau-128": {"stop": "plateau", "warm_start": "parent", "lr": 0.1},
     "redirect-128": {"redirected_relu": True},
     "redirect-32": {"steps": 32, "redirected_relu": True},
 }
@@ -69,10 +77,11 @@ def prepare(run: Path, images: str, per_image: int, layers: str, levels: str) ->
         subprocess.run([exe, "grid", str(run), "--layer", layer, "--levels", levels, "-q"], check=True)
 
 
-def score_icons(spec, module_layer: str, level, icons: np.ndarray, S) -> dict[str, np.ndarray]:
-    """Per-icon honest scores of one level (the scores stage's functions, icon side only)."""
+def score_icons(spec, module_layer: str, level, rows: np.ndarray, icons: np.ndarray, S) -> dict[str, np.ndarray]:
+    """Per-icon honest scores of the icons of cells `rows` of one level, each ranked among all the
+    level's cells (the scores stage's functions, icon side only)."""
     acts, attr = centre_scores_inputs(spec, module_layer, icons, attributions=True)
-    s = activation_scores(acts.reshape(len(icons), -1), top_classes_of(attr), np.arange(len(icons)),
+    s = activation_scores(acts.reshape(len(icons), -1), top_classes_of(attr), np.asarray(rows),
                           np.asarray(level.mean_activation, np.float32), S, np.asarray(level.top_classes)[:, :TOP])
     return {**{k: s[k] for k in ("retrieval_rank_raw", "retrieval_rank_whitened", "class_agreement")},
             **vividness(icons)}
@@ -89,7 +98,23 @@ def summarize(per: dict[str, np.ndarray], steps: np.ndarray, seconds: float) -> 
             "border_fill": float(per["border_fill"].mean())}
 
 
-def pareto(run_dir: Path, layers: list[str], sizes: list[int], names: list[str], threads: int) -> dict:
+def subset(levels: list, cells: int, seed: int = 0) -> list[np.ndarray]:
+    """Rows to render per level: `cells` seeded random cells of the finest level (all when 0), and at
+    each coarser level the parents of the rows below (so warm starts have their parents)."""
+    rows = [np.arange(len(levels[-1].i))]
+    if cells and cells < len(rows[0]):
+        rows[0] = np.sort(np.random.default_rng(seed).choice(len(rows[0]), cells, replace=False))
+    for k in range(len(levels) - 1, 0, -1):
+        par = parent_cells(levels[k], levels[k - 1])[rows[0]]
+        rows.insert(0, np.unique(par[par >= 0]) if cells else np.arange(len(levels[k - 1].i)))
+    return rows
+
+
+def pareto(run_dir: Path, layers: list[str], sizes: list[int], names: list[str], threads: int,
+           cells: int = 0) -> dict:
+    """Scores are over the rendered icons of the FINEST given level (retrieval among all its cells);
+    coarser levels are rendered (their parents' rows only with `cells`) for the warm start, and are
+    reported per level too."""
     torch.set_num_threads(threads)
     run = open_run(run_dir)
     spec = load_run_model(run, "cpu")
@@ -98,31 +123,32 @@ def pareto(run_dir: Path, layers: list[str], sizes: list[int], names: list[str],
         S = run_whiten(run_dir, layer).S
         levels = {lv.size: lv for lv in load_grid(run_dir / "grid", layer)}
         levels = [levels[g] for g in sorted(sizes)]
+        rows = subset(levels, cells)
         module_layer = run.config["module_layers"][layer]
-        out[layer] = {}
+        out[layer] = {"cells": [int(len(r)) for r in rows], "level_cells": [int(len(lv.i)) for lv in levels]}
         for name in names:
             cfg = dataclasses.replace(OLD_DEFAULT, **SETTINGS[name])
-            per: dict[str, list] = {}
-            steps, seconds, icons_prev, by_level = [], 0.0, None, {}
+            prev_icons, prev_rows, by_level = None, None, {}
             for k, lv in enumerate(levels):
+                if k < len(levels) - 1 and cfg.warm_start != "parent":
+                    continue                     # coarser levels only matter as parents
+                r = rows[k]
                 init = mask = None
                 if cfg.warm_start == "parent" and k > 0:
-                    parent = parent_cells(lv, levels[k - 1])
-                    init = np.zeros((len(parent), cfg.icon_size, cfg.icon_size, 3), np.uint8)
-                    init[parent >= 0] = icons_prev[parent[parent >= 0]]
-                    mask = parent >= 0
+                    parent = parent_cells(lv, levels[k - 1])[r]
+                    where = {int(c): q for q, c in enumerate(prev_rows)}
+                    pos = np.array([where.get(int(c), -1) for c in parent])
+                    init = np.zeros((len(r), cfg.icon_size, cfg.icon_size, 3), np.uint8)
+                    init[pos >= 0] = prev_icons[pos[pos >= 0]]
+                    mask = pos >= 0
                 t0 = time.perf_counter()
-                res = render_icons(spec, module_layer, np.asarray(lv.mean_activation, np.float32), cfg, S=S,
+                res = render_icons(spec, module_layer, np.asarray(lv.mean_activation, np.float32)[r], cfg, S=S,
                                    progress=False, init=init, init_mask=mask)
                 dt = time.perf_counter() - t0
-                icons_prev = res.images
-                sc = score_icons(spec, module_layer, lv, res.images, S)
+                prev_icons, prev_rows = res.images, r
+                sc = score_icons(spec, module_layer, lv, r, res.images, S)
                 by_level[lv.size] = summarize(sc, res.steps, dt)
-                for key, v in sc.items():
-                    per.setdefault(key, []).append(v)
-                steps.append(res.steps)
-                seconds += dt
-            row = summarize({k: np.concatenate(v) for k, v in per.items()}, np.concatenate(steps), seconds)
+            row = dict(by_level[levels[-1].size])
             row["levels"] = by_level
             out[layer][name] = row
             print(json.dumps({"layer": layer, "setting": name, **{k: v for k, v in row.items() if k != "levels"}}),
@@ -130,25 +156,32 @@ def pareto(run_dir: Path, layers: list[str], sizes: list[int], names: list[str],
     return out
 
 
-def e2e(run_dir: Path, layer: str, new: RenderConfig, threads: int, work: Path) -> dict:
-    """The render stage on two copies of the run (no icons yet): old defaults, then `new`."""
+def e2e(run_dir: Path, layer: str, which: list[str], threads: int, work: Path) -> dict:
+    """The render stage on copies of the run (without icons): the old defaults ("old") and/or the new
+    ones ("new"). Wall seconds and CPU seconds of this process (all threads): on a shared machine the CPU
+    seconds compare two runs fairly when the wall clock does not."""
     torch.set_num_threads(threads)
     res = {}
-    for name, cfg in (("old", OLD_DEFAULT), ("new", new)):
+    for name in which:
+        cfg = OLD_DEFAULT if name == "old" else RenderConfig.cpu_default()
         d = work / f"e2e-{name}"
         if d.exists():
             shutil.rmtree(d)
         shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("icons", "scores", "atlas"))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         r = run_render(d, layer, cfg, progress=False, runtime=Runtime(device="cpu", threads=threads,
                                                                         numba_cache=False))
-        sec = time.perf_counter() - t0
+        sec, cpu = time.perf_counter() - t0, time.process_time() - c0
         steps = np.concatenate([ic["steps"] for ic in r.icons.values()])
         res[name] = {"settings": {k: v for k, v in dataclasses.asdict(cfg).items() if v != getattr(OLD_DEFAULT, k)},
-                     "seconds": round(sec, 1), "icons": int(len(steps)), "mean_steps": float(steps.mean()),
-                     "icon_steps_per_s": float(steps.sum() / sec), "levels": sorted(r.icons)}
+                     "seconds": round(sec, 1), "cpu_seconds": round(cpu, 1), "icons": int(len(steps)),
+                     "mean_steps": float(steps.mean()), "icon_steps_per_s": float(steps.sum() / sec),
+                     "icon_steps_per_cpu_s": float(steps.sum() / cpu), "levels": sorted(r.icons),
+                     "mean_steps_per_level": {int(g): float(ic["steps"].mean()) for g, ic in r.icons.items()}}
         print(json.dumps({name: res[name]}), flush=True)
-    res["speedup"] = res["old"]["seconds"] / res["new"]["seconds"]
+    if "old" in res and "new" in res:
+        res["speedup_wall"] = res["old"]["seconds"] / res["new"]["seconds"]
+        res["speedup_cpu"] = res["old"]["cpu_seconds"] / res["new"]["cpu_seconds"]
     return res
 
 
@@ -163,6 +196,9 @@ def main(argv=None) -> int:
     ap.add_argument("--levels", default="10,20,40")
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--which", default="old,new", help="e2e: old, new or old,new")
+    ap.add_argument("--cells", type=int, default=0, help="pareto: render this many seeded random cells of the "
+                    "finest level (and their parents), not all")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     enable_numba_cache()
@@ -171,9 +207,9 @@ def main(argv=None) -> int:
         return 0
     if a.mode == "pareto":
         result = pareto(a.run, a.layers.split(","), [int(g) for g in a.levels.split(",")], a.settings.split(","),
-                        a.threads)
+                        a.threads, a.cells)
     else:
-        result = e2e(a.run, a.layer, RenderConfig.cpu_default(), a.threads, a.run.parent)
+        result = e2e(a.run, a.layer, a.which.split(","), a.threads, a.run.parent)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(result, indent=1))

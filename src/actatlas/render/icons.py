@@ -70,7 +70,8 @@ class RenderConfig:
         stop: "fixed" (every attempt runs `steps`) or "plateau" (each icon stops at its own plateau,
             at most `steps`, and its batch slot takes the next icon: `optimize.StopRule`, issue 12).
         min_steps, plateau_window, plateau_tol: the plateau rule: after at least `min_steps`, stop once
-            the smoothed objective rose by less than `plateau_tol` over the last `plateau_window` steps.
+            the objective's mean over the last `plateau_window` steps rose by less than `plateau_tol`
+            (relative) over the mean of the window before.
         lr_schedule: "constant" (the recipe), "cosine" (lr decays to a tenth at `steps`) or
             "warmup-cosine" (`optimize.lr_factor`).
         warm_start: "none" (a random spectrum, the recipe) or "parent": the pipeline starts each icon of
@@ -94,7 +95,7 @@ class RenderConfig:
     stop: str = "fixed"
     min_steps: int = 16
     plateau_window: int = 8
-    plateau_tol: float = 0.002
+    plateau_tol: float = 0.01
     lr_schedule: str = "constant"
     warm_start: str = "none"
 

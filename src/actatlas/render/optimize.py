@@ -171,15 +171,16 @@ class StopRule:
     max_steps: the hard cap (every image stops here).
     plateau: stop earlier, at the image's own plateau: after at least `min_steps` (and 2 x `window`),
         once the mean of its recorded objective over the last `window` steps exceeds the mean over the
-        `window` steps before by less than `tol` (two window means: the values are noisy, since every
-        step sees a new random transform). False: every image runs `max_steps`.
+        `window` steps before by less than `tol` times the latter's magnitude (a relative gain: the
+        objective's scale depends on the target's norm; two window means: the values are noisy, since
+        every step sees a new random transform). False: every image runs `max_steps`.
     """
 
     max_steps: int = 128
     plateau: bool = False
     min_steps: int = 16
     window: int = 8
-    tol: float = 0.002
+    tol: float = 0.01
 
     def __post_init__(self):
         if self.max_steps < 1 or self.min_steps < 1 or self.window < 1:
@@ -193,7 +194,8 @@ class StopRule:
         if not self.plateau or t < max(self.min_steps, 2 * self.window):
             return False
         w = self.window
-        return float(np.mean(history[-w:])) - float(np.mean(history[-2 * w:-w])) < self.tol
+        before = float(np.mean(history[-2 * w:-w]))
+        return float(np.mean(history[-w:])) - before < self.tol * abs(before)
 
 
 @dataclass
