@@ -237,6 +237,7 @@ def test_export_has_the_score_columns_and_an_old_atlas_still_loads_and_exports(t
     d = json.loads((site / "data" / "conv2" / f"level-{lv.size}.json").read_text())
     assert d["rr"] == lv.scores["retrieval_rank_raw"].tolist() and len(d["mcf"]) == len(d["i"])
     assert d["f"] == [round(float(f), 4) for f in lv.fidelity]
+    assert d["st"] == lv.steps.tolist() and all(s > 0 for s in d["st"])   # optimiser steps per icon
 
     # an atlas saved before the scores existed: no score arrays, no score keys in its JSON
     run_dir = tmp_path / "old"
@@ -279,6 +280,7 @@ def test_viewer_cell_panel_shows_the_scores(browser, tiny_run, tmp_path):
                       "border fill", "objective alignment", "member", "patches"):
             assert words in text, (words, text)
         assert f"{int(lv.scores['retrieval_rank_raw'][0])} / {len(lv.i)}" in text
+        assert f"optimiser steps{int(lv.steps[0])}" in text.replace("\t", "").replace("\n", "")
         assert errors == []
     finally:
         page.close()

@@ -357,7 +357,8 @@ def _rounded(x, nd: int = 4):
 
 
 # the honest icon scores' columns in the level JSON (compact key -> record key), present when the
-# atlas has them: icon, random real member, median of the cell's real patches
+# atlas has them: icon, random real member, median of the cell's real patches; and the optimiser
+# steps the icon took
 SCORE_COLUMNS = {
     "rr": "retrieval_rank_raw", "rw": "retrieval_rank_whitened", "ca": "class_agreement",
     "cf": "colourfulness", "ct": "contrast", "bf": "border_fill",
@@ -366,6 +367,7 @@ SCORE_COLUMNS = {
     "mcf": "member_colourfulness", "mct": "member_contrast", "mbf": "member_border_fill",
     "moa": "member_objective_alignment",
     "pcf": "patch_colourfulness", "pct": "patch_contrast", "pbf": "patch_border_fill", "pn": "patch_count",
+    "st": "steps",
 }
 
 

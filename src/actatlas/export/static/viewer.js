@@ -745,6 +745,8 @@
       rows.push(row("best real member's alignment", "the highest objective alignment among the cell's real members",
                     "", fmt(col("mf")), ""));
     } else rows.push(row(oa, oaTitle, fmt(d.f[c]), fmt(col("mf")), ""));
+    if (d.st) rows.push(row("optimiser steps", "optimiser steps the icon took (all attempts together)",
+                            String(col("st")), "", ""));
     var head = d.rr ? '<tr><th></th><th class="v">icon</th><th class="v" title="a random real member of the cell">member</th>' +
       '<th class="v" title="median over the cell\'s real patches' + (d.pn ? " (" + d.pn[c] + ")" : "") + '">patches</th></tr>'
       : '<tr><th></th><th class="v">icon</th><th class="v">best member</th><th></th></tr>';
