@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from actatlas.grid import load_grid
-from actatlas.pipeline import parent_cells, run_render, run_whiten
+from actatlas.pipeline import icon_starts, parent_cells, run_render, run_whiten
 from actatlas.render import RenderConfig, render_icons
 from actatlas.run import load_run_model, open_run
 from actatlas.runtime import Runtime, enable_numba_cache
@@ -63,6 +63,12 @@ SETTINGS: dict[str, dict] = {
     "plateau-tol0.02-128": {"stop": "plateau", "plateau_tol": 0.02},
     "parent-plateau-tol0.02-128": {"stop": "plateau", "warm_start": "parent", "plateau_tol": 0.02},
     "parent-lr0.1-plateau-128": {"stop": "plateau", "warm_start": "parent", "lr": 0.1},
+    "member-32": {"steps": 32, "warm_start": "member"},
+    "member-16": {"steps": 16, "warm_start": "member"},
+    "member-plateau-128": {"stop": "plateau", "warm_start": "member"},
+    "parent-member-32": {"steps": 32, "warm_start": "parent-member"},
+    "parent-member-plateau-128": {"stop": "plateau", "warm_start": "parent-member"},
+    "member-lr0.1-plateau-128": {"stop": "plateau", "warm_start": "member", "lr": 0.1},
     "redirect-128": {"redirected_relu": True},
     "redirect-32": {"steps": 32, "redirected_relu": True},
 }
@@ -129,18 +135,13 @@ def pareto(run_dir: Path, layers: list[str], sizes: list[int], names: list[str],
         for name in names:
             cfg = dataclasses.replace(OLD_DEFAULT, **SETTINGS[name])
             prev_icons, prev_rows, by_level = None, None, {}
+            parents = cfg.warm_start in ("parent", "parent-member")
             for k, lv in enumerate(levels):
-                if k < len(levels) - 1 and cfg.warm_start != "parent":
+                if k < len(levels) - 1 and not parents:
                     continue                     # coarser levels only matter as parents
                 r = rows[k]
-                init = mask = None
-                if cfg.warm_start == "parent" and k > 0:
-                    parent = parent_cells(lv, levels[k - 1])[r]
-                    where = {int(c): q for q, c in enumerate(prev_rows)}
-                    pos = np.array([where.get(int(c), -1) for c in parent])
-                    init = np.zeros((len(r), cfg.icon_size, cfg.icon_size, 3), np.uint8)
-                    init[pos >= 0] = prev_icons[pos[pos >= 0]]
-                    mask = pos >= 0
+                parent = (levels[k - 1], prev_rows, prev_icons) if parents and k > 0 else None
+                init, mask = icon_starts(run, layer, cfg, spec, lv, r, parent)
                 t0 = time.perf_counter()
                 res = render_icons(spec, module_layer, np.asarray(lv.mean_activation, np.float32)[r], cfg, S=S,
                                    progress=False, init=init, init_mask=mask)

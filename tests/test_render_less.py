@@ -209,3 +209,32 @@ def test_build_picks_positions_per_image_or_warns(tmp_path, build_tiny, caplog):
     caplog.set_level("WARNING")
     build_tiny(tmp_path / "few", levels=(2, 16), render=render, limit=40)   # per_image=2 given
     assert any("are few for level 16" in r.getMessage() for r in caplog.records)
+
+
+def test_member_starts_are_the_closest_members_patches(tiny_run, tmp_path, build_tiny):
+    """"member" starts: the real patch of each cell's closest member, cut as the export cuts it; a
+    build with member and parent starts renders and records its steps."""
+    from actatlas.data import load_rgb
+    from actatlas.grid import load_grid
+    from actatlas.pipeline import member_starts
+    from actatlas.run import open_run
+    from actatlas.scores import cut_patch
+
+    run = open_run(tiny_run.run_dir)
+    layer = tiny_run.layer
+    lv = load_grid(tiny_run.run_dir / "grid", layer)[-1]
+    init, mask = member_starts(run, layer, lv, np.arange(3), 16, tiny_run_spec := actatlas.load_model(
+        "tinymodels:tiny_cnn"))
+    assert init.shape == (3, 16, 16, 3) and mask.all()
+    rows = run.rows(layer)
+    shape = run.summary["layer_shapes"][layer]
+    pre = tiny_run_spec.preprocess
+    for c in range(3):
+        r = int(lv.closest[c, 0])
+        want = cut_patch(pre.geometry(load_rgb(rows.path[r])), rows.y[r], rows.x[r], tuple(shape[1:]),
+                         int(pre.size), 16)
+        assert np.array_equal(init[c], np.asarray(want))
+    render = RenderConfig.cpu_default(steps=6, icon_size=16, batch_size=4, stop="plateau", min_steps=2,
+                                      plateau_window=1, warm_start="parent-member")
+    atlas = build_tiny(tmp_path / "pm", render=render)
+    assert all(lv.steps is not None and (lv.steps <= 6).all() for lv in atlas.levels)

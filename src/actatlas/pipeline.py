@@ -40,8 +40,8 @@ from .render.icons import ICON_ARRAYS, render_icon_batch
 from .run import Run, load_run_model, open_run
 from .runtime import Runtime
 from .scores import VERSION as SCORES_VERSION
-from .scores import (TOP, ScoreConfig, centre_scores_inputs, patch_vividness, sample_members, score_level,
-                     summarize_level, top_classes_of)
+from .scores import (TOP, ScoreConfig, centre_scores_inputs, patch_vividness, read_patches, sample_members,
+                     score_level, summarize_level, top_classes_of)
 from .stages import (StageReport, config_hash, read_manifest, run_stage, settings_record, stage_hash,
                      update_manifest)
 from .store import ensure_dir, layer_dirname, run_lock, save_npy_atomic, save_npz_atomic, write_json_atomic
@@ -264,6 +264,54 @@ def parent_cells(level: GridLevel, parent: GridLevel) -> np.ndarray:
     return np.array([index.get((int(a), int(b)), -1) for a, b in zip(pi, pj)], np.int64)
 
 
+def member_starts(run: Run, layer: str, level: GridLevel, cells: np.ndarray, size: int,
+                  spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(init uint8 [n, size, size, 3], mask bool [n]): for the kept cells `cells` of `level`, the real
+    patch of the member closest to the cell's mean (the grid's ``closest[:, 0]``), cut from its photo as
+    the export cuts patches (`scores.cut_patch`), at the icon size: a start for the icon
+    (``RenderConfig.warm_start`` "member"). The mask is False where the photo cannot be read or the
+    layer has no spatial map."""
+    cells = np.asarray(cells, np.int64)
+    init = np.zeros((len(cells), size, size, 3), np.uint8)
+    mask = np.zeros(len(cells), bool)
+    shape = run.summary.get("layer_shapes", {}).get(layer)
+    if shape is None or len(shape) != 3 or not len(cells):
+        return init, mask
+    rows = run.rows(layer)
+    geometry, s = _patch_geometry(run, spec)
+    best = np.asarray(level.closest)[cells, 0]
+    requests = [(rows.path[r], int(rows.y[r]), int(rows.x[r]), size) for r in best if r >= 0]
+    where = np.flatnonzero(best >= 0)
+    patches, failed = read_patches(requests, geometry, s, (int(shape[1]), int(shape[2])))
+    if failed:
+        log.warning("render: %d member photos could not be read; those icons start at random", failed)
+    for q, p in zip(where, patches):
+        if p is not None:
+            init[q], mask[q] = p, True
+    return init, mask
+
+
+def icon_starts(run: Run, layer: str, cfg: RenderConfig, spec: ModelSpec, level: GridLevel, cells: np.ndarray,
+                parent: tuple[GridLevel, np.ndarray, np.ndarray] | None = None
+                ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(init, init_mask) for the icons of kept cells `cells` of `level` by ``cfg.warm_start``, or
+    (None, None) when every icon starts at random. `parent` = (the next coarser level, the rows of it
+    whose icons are given, those icons uint8 [r, P, P, 3]) for "parent" / "parent-member"."""
+    cells = np.asarray(cells, np.int64)
+    ws, size = cfg.warm_start, cfg.icon_size
+    init, mask = np.zeros((len(cells), size, size, 3), np.uint8), np.zeros(len(cells), bool)
+    if ws in ("parent", "parent-member") and parent is not None:
+        plevel, prows, picons = parent
+        where = {int(c): q for q, c in enumerate(prows)}
+        pos = np.array([where.get(int(c), -1) for c in parent_cells(level, plevel)[cells]], np.int64)
+        init[pos >= 0], mask = picons[pos[pos >= 0]], pos >= 0
+    if ws == "member" or (ws == "parent-member" and not mask.all()):
+        rest = np.flatnonzero(~mask)
+        m_init, m_mask = member_starts(run, layer, level, cells[rest], size, spec)
+        init[rest[m_mask]], mask[rest[m_mask]] = m_init[m_mask], True
+    return (init, mask) if mask.any() else (None, None)
+
+
 def run_render(run_dir: str | Path, layer: str | None = None, cfg: RenderConfig | None = None, ridge: float = 1e-2,
                spec: ModelSpec | None = None, progress: bool = True, runtime: Runtime | None = None) -> RenderResult:
     """Stage: one icon per kept cell of every level (method.md §1.9–1.11) -> ``RUN/icons/<layer>``.
@@ -272,7 +320,8 @@ def run_render(run_dir: str | Path, layer: str | None = None, cfg: RenderConfig 
     optimiser batch, or `COMMIT_BATCHES` of them with the continuous loop), each with its own seed, so
     an interrupted render resumes and yields the same icons. Levels render coarse to fine; with
     ``cfg.warm_start == "parent"`` each icon of a finer level starts from the icon of its parent cell
-    (`parent_cells`) in the next coarser level. ``runtime.engine`` "local" renders the units here, one
+    (`parent_cells`) in the next coarser level; with "member" every icon starts from the real patch of
+    its cell's closest member (`member_starts`); "parent-member": parents where there are, else members. ``runtime.engine`` "local" renders the units here, one
     after another; "ray" runs one Ray task per unit (``runtime.threads`` CPUs each, or one GPU each with
     a CUDA device), a level at a time, and commits each as it finishes. Both call `render_icon_batch`
     with the same seeds and starts.
@@ -309,14 +358,11 @@ def run_render(run_dir: str | Path, layer: str | None = None, cfg: RenderConfig 
         return np.concatenate([np.load(done_path(lv, b))["images"] for b, _ in _batches(lv, unit)])
 
     def starts(k, lv, sl):
-        """(init, init_mask) of the unit: the parent cells' icons (warm start), or (None, None)."""
-        if cfg.warm_start != "parent" or k == 0:
-            return None, None
-        parent = parent_cells(lv, levels[k - 1])[sl]
-        images = level_images(levels[k - 1])
-        init = np.zeros((len(parent), cfg.icon_size, cfg.icon_size, 3), np.uint8)
-        init[parent >= 0] = images[parent[parent >= 0]]
-        return init, parent >= 0
+        parent = None
+        if cfg.warm_start in ("parent", "parent-member") and k > 0:
+            prev = levels[k - 1]
+            parent = (prev, np.arange(len(prev.i)), level_images(prev))
+        return icon_starts(run, layer, cfg, spec, lv, np.arange(sl.start, sl.stop), parent)
 
     def fn(resume):
         nonlocal spec
@@ -338,7 +384,7 @@ def run_render(run_dir: str | Path, layer: str | None = None, cfg: RenderConfig 
 
             # a level at a time when icons start from their parents', else everything at once
             waves = ([[job for job in todo if job[0] == k] for k in range(len(levels))]
-                     if cfg.warm_start == "parent" else [todo])
+                     if cfg.warm_start in ("parent", "parent-member") else [todo])
             for wave in waves:
                 jobs = [((lv, b, sl), lv.mean_activation[sl], seeded(lv, b), *starts(k, lv, sl))
                         for k, lv, b, sl in wave]

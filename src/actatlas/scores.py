@@ -241,29 +241,44 @@ def cut_patch(img: Image.Image, y: int, x: int, map_hw: tuple[int, int], s: int,
     return img.crop(patch_box(int(y), int(x), h, w, s)).resize((size, size), Image.BILINEAR)
 
 
-def patch_vividness(requests: Sequence[tuple[str, int, int, int]], geometry: Callable[[Image.Image], Image.Image],
-                    s: int, map_hw: tuple[int, int], frame: float = 0.1, grey_tol: float = 16.0,
-                    progress: bool = False) -> tuple[np.ndarray, int]:
-    """float64 [n, 3] (colourfulness, contrast, border fill) of the patches `requests` = (photo path, y,
-    x, patch side) cut with `cut_patch` from each photo at the model's input geometry; rows of NaN for
-    photos that cannot be read. Each photo is decoded once. Returns (values, unreadable photo count)."""
-    out = np.full((len(requests), 3), np.nan)
+def read_patches(requests: Sequence[tuple[str, int, int, int]], geometry: Callable[[Image.Image], Image.Image],
+                 s: int, map_hw: tuple[int, int], progress: bool = False,
+                 desc: str = "patches") -> tuple[list[np.ndarray | None], int]:
+    """The real patches `requests` = (photo path, y, x, patch side), each cut with `cut_patch` from its
+    photo at the model's input geometry: uint8 [side, side, 3] per request, None where the photo cannot
+    be read. Each photo is decoded once. Returns (patches, unreadable photo count)."""
+    out: list[np.ndarray | None] = [None] * len(requests)
     by_path: dict[str, list[int]] = {}
     for q, req in enumerate(requests):
         by_path.setdefault(str(req[0]), []).append(q)
     failed = 0
     from tqdm.auto import tqdm
 
-    for path, qs in tqdm(sorted(by_path.items()), disable=not progress, unit="photo", desc="scores: patches"):
+    for path, qs in tqdm(sorted(by_path.items()), disable=not progress, unit="photo", desc=desc):
         try:
             img = geometry(load_rgb(path))
         except ImageDecodeError as e:
             failed += 1
             log.debug("%s", e)
             continue
-        crops = np.stack([np.asarray(cut_patch(img, requests[q][1], requests[q][2], map_hw, s, requests[q][3]))
-                          for q in qs])
-        v = vividness(crops, frame, grey_tol)
+        for q in qs:
+            out[q] = np.asarray(cut_patch(img, requests[q][1], requests[q][2], map_hw, s, requests[q][3]))
+    return out, failed
+
+
+def patch_vividness(requests: Sequence[tuple[str, int, int, int]], geometry: Callable[[Image.Image], Image.Image],
+                    s: int, map_hw: tuple[int, int], frame: float = 0.1, grey_tol: float = 16.0,
+                    progress: bool = False) -> tuple[np.ndarray, int]:
+    """float64 [n, 3] (colourfulness, contrast, border fill) of the patches `requests` (`read_patches`);
+    rows of NaN for photos that cannot be read. Returns (values, unreadable photo count)."""
+    out = np.full((len(requests), 3), np.nan)
+    patches, failed = read_patches(requests, geometry, s, map_hw, progress, desc="scores: patches")
+    ok = [q for q, p in enumerate(patches) if p is not None]
+    by_size: dict[tuple, list[int]] = {}
+    for q in ok:
+        by_size.setdefault(patches[q].shape, []).append(q)
+    for qs in by_size.values():
+        v = vividness(np.stack([patches[q] for q in qs]), frame, grey_tol)
         out[qs] = np.stack([v["colourfulness"], v["contrast"], v["border_fill"]], axis=1)
     return out, failed
 

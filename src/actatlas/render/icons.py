@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 STOPS = ("fixed", "plateau")
 LR_SCHEDULES = ("constant", "cosine", "warmup-cosine")
-WARM_STARTS = ("none", "parent")
+WARM_STARTS = ("none", "parent", "member", "parent-member")
 
 __all__ = ["RenderConfig", "IconSet", "render_icons", "render_icon_batch", "fidelity_of_activations",
            "icon_fidelity", "centre_activations"]
@@ -74,8 +74,10 @@ class RenderConfig:
             (relative) over the mean of the window before.
         lr_schedule: "constant" (the recipe), "cosine" (lr decays to a tenth at `steps`) or
             "warmup-cosine" (`optimize.lr_factor`).
-        warm_start: "none" (a random spectrum, the recipe) or "parent": the pipeline starts each icon of
-            a finer level from the icon of the coarser level's cell that contains it (the levels nest).
+        warm_start: "none" (a random spectrum, the recipe); "parent": the pipeline starts each icon of
+            a finer level from the icon of the coarser level's cell that contains it (the levels nest);
+            "member": from the real patch of the cell's member closest to its mean; "parent-member":
+            parents where there are, members elsewhere (the coarsest level).
     """
 
     steps: int = 128
