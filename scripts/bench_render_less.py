@@ -15,6 +15,7 @@ e2e      The render stage of the same run (`pipeline.run_render`, every level of
     python scripts/bench_render_less.py --prepare RUN           # collect+layout+grid (sample:1000, K=4)
     python scripts/bench_render_less.py pareto RUN --layers blocks.8 --levels 10,20 --json out.json
     python scripts/bench_render_less.py e2e RUN --layer blocks.8 --json e2e.json
+    python scripts/bench_render_less.py table out.json [more.json ...]   # markdown Pareto tables
 
 Scores are means over the icons of all given levels. Choose settings on blocks.8, confirm on blocks.15.
 """
@@ -69,6 +70,12 @@ SETTINGS: dict[str, dict] = {
     "parent-member-32": {"steps": 32, "warm_start": "parent-member"},
     "parent-member-plateau-128": {"stop": "plateau", "warm_start": "parent-member"},
     "member-lr0.1-plateau-128": {"stop": "plateau", "warm_start": "member", "lr": 0.1},
+    "parent-64": {"steps": 64, "warm_start": "parent"},
+    "parent-48": {"steps": 48, "warm_start": "parent"},
+    "parent-96": {"steps": 96, "warm_start": "parent"},
+    "plateau-tol0.003-128": {"stop": "plateau", "plateau_tol": 0.003},
+    "parent-plateau-tol0.003-128": {"stop": "plateau", "warm_start": "parent", "plateau_tol": 0.003},
+    "parent-lr0.1-plateau-tol0.003-128": {"stop": "plateau", "warm_start": "parent", "lr": 0.1, "plateau_tol": 0.003},
     "redirect-128": {"redirected_relu": True},
     "redirect-32": {"steps": 32, "redirected_relu": True},
 }
@@ -143,7 +150,8 @@ def pareto(run_dir: Path, layers: list[str], sizes: list[int], names: list[str],
                 parent = (levels[k - 1], prev_rows, prev_icons) if parents and k > 0 else None
                 init, mask = icon_starts(run, layer, cfg, spec, lv, r, parent)
                 t0 = time.perf_counter()
-                res = render_icons(spec, module_layer, np.asarray(lv.mean_activation, np.float32)[r], cfg, S=S,
+                level_cfg = cfg.standalone() if k == 0 else cfg     # as the render stage does
+                res = render_icons(spec, module_layer, np.asarray(lv.mean_activation, np.float32)[r], level_cfg, S=S,
                                    progress=False, init=init, init_mask=mask)
                 dt = time.perf_counter() - t0
                 prev_icons, prev_rows = res.images, r
@@ -186,10 +194,35 @@ def e2e(run_dir: Path, layer: str, which: list[str], threads: int, work: Path) -
     return res
 
 
+COLUMNS = ("mean_steps", "retrieval@1_raw", "retrieval@5_raw", "retrieval@1_whitened", "class_agreement",
+           "colourfulness", "contrast", "border_fill", "icon_steps_per_s")
+
+
+def table(paths: list[Path]) -> str:
+    """Markdown Pareto tables (one per layer) from `pareto` JSON files, rows sorted by mean steps."""
+    rows: dict[str, dict] = {}
+    meta: dict[str, dict] = {}
+    for p in paths:
+        for layer, d in json.loads(p.read_text()).items():
+            meta[layer] = {k: d[k] for k in ("cells", "level_cells") if k in d}
+            rows.setdefault(layer, {}).update({k: v for k, v in d.items() if isinstance(v, dict) and "mean_steps" in v})
+    out = []
+    for layer, settings in rows.items():
+        out.append(f"{layer} (icons of {meta[layer].get('cells', ['?'])[-1]} of the "
+                   f"{meta[layer].get('level_cells', ['?'])[-1]} cells of the finest level)\n")
+        out.append("| setting | " + " | ".join(COLUMNS) + " |")
+        out.append("|---" * (len(COLUMNS) + 1) + "|")
+        for name, r in sorted(settings.items(), key=lambda kv: kv[1]["mean_steps"]):
+            out.append(f"| {name} | " + " | ".join(f"{r[c]:.3g}" if c != "mean_steps" else f"{r[c]:.1f}"
+                                                   for c in COLUMNS) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("prepare", "pareto", "e2e"))
-    ap.add_argument("run", type=Path)
+    ap.add_argument("mode", choices=("prepare", "pareto", "e2e", "table"))
+    ap.add_argument("run", type=Path, nargs="+", help="the run (table: pareto JSON files)")
     ap.add_argument("--images", default="sample:1000")
     ap.add_argument("--per-image", type=int, default=4)
     ap.add_argument("--layers", default="blocks.8,blocks.15")
@@ -203,6 +236,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     enable_numba_cache()
+    if a.mode == "table":
+        print(table(a.run))
+        return 0
+    a.run = a.run[0]
     if a.mode == "prepare":
         prepare(a.run, a.images, a.per_image, a.layers, a.levels)
         return 0

@@ -118,7 +118,7 @@ def test_lr_schedules_and_bad_settings():
     assert cos[0] == pytest.approx(1.0) and cos[32] == pytest.approx(0.1) and torch.all(cos[1:] <= cos[:-1])
     warm = lr_factor("warmup-cosine", t, 32)
     assert warm[0] == pytest.approx(1 / 8) and warm[7] == pytest.approx(cos[7].item())
-    for bad in (dict(stop="early"), dict(lr_schedule="step"), dict(warm_start="member"), dict(min_steps=0),
+    for bad in (dict(stop="early"), dict(lr_schedule="step"), dict(warm_start="photo"), dict(min_steps=0),
                 dict(plateau_window=0), dict(plateau_tol=-1.0)):
         with pytest.raises(ConfigError):
             _cfg(**bad)
@@ -173,9 +173,10 @@ def test_render_stage_records_steps_and_warm_starts(tmp_path, build_tiny):
     atlas = build_tiny(tmp_path / "run", render=render)
     out = tmp_path / "run"
     summary = json.loads((out / "summary.json").read_text())
-    for lv, s in zip(atlas.levels, summary["levels"]):
+    for k, (lv, s) in enumerate(zip(atlas.levels, summary["levels"])):
         assert lv.steps is not None and len(lv.steps) == len(lv.i)
-        assert ((lv.steps >= 4) & (lv.steps <= 12)).all()
+        cap = 24 if k == 0 else 12       # the coarsest level has no parents: twice the steps (standalone)
+        assert ((lv.steps >= 4) & (lv.steps <= cap)).all()
         assert s["mean_steps"] == pytest.approx(float(lv.steps.mean()))
         cells = json.loads((out / "atlas" / atlas.layer / f"level-{lv.size}.json").read_text())["cells"]
         assert [c["steps"] for c in cells] == lv.steps.tolist()
@@ -238,3 +239,15 @@ def test_member_starts_are_the_closest_members_patches(tiny_run, tmp_path, build
                                       plateau_window=1, warm_start="parent-member")
     atlas = build_tiny(tmp_path / "pm", render=render)
     assert all(lv.steps is not None and (lv.steps <= 6).all() for lv in atlas.levels)
+
+
+def test_coarsest_level_renders_standalone(tmp_path, build_tiny):
+    """With parent starts the coarsest level (no parents) takes the standalone form: random starts and
+    twice the steps; the finer levels take the steps asked for."""
+    render = RenderConfig.cpu_default(steps=3, icon_size=16, batch_size=4, warm_start="parent")
+    assert render.standalone().steps == 6 and render.standalone().warm_start == "none"
+    assert RenderConfig.cpu_default(warm_start="parent-member").standalone().warm_start == "member"
+    assert RenderConfig.single_level().steps == 128 and not RenderConfig.single_level().continuous
+    atlas = build_tiny(tmp_path / "run", render=render)
+    assert atlas.levels[0].steps.tolist() == [6] * len(atlas.levels[0].i)
+    assert all(lv.steps.tolist() == [3] * len(lv.i) for lv in atlas.levels[1:])

@@ -320,9 +320,11 @@ def run_render(run_dir: str | Path, layer: str | None = None, cfg: RenderConfig 
     optimiser batch, or `COMMIT_BATCHES` of them with the continuous loop), each with its own seed, so
     an interrupted render resumes and yields the same icons. Levels render coarse to fine; with
     ``cfg.warm_start == "parent"`` each icon of a finer level starts from the icon of its parent cell
-    (`parent_cells`) in the next coarser level; with "member" every icon starts from the real patch of
-    its cell's closest member (`member_starts`); "parent-member": parents where there are, else members. ``runtime.engine`` "local" renders the units here, one
-    after another; "ray" runs one Ray task per unit (``runtime.threads`` CPUs each, or one GPU each with
+    (`parent_cells`) in the next coarser level, and the coarsest level renders with the config's
+    `standalone` form (random starts, twice the steps); with "member" every icon starts from the real
+    patch of its cell's closest member (`member_starts`); "parent-member": parents where there are,
+    else members. ``runtime.engine`` "local" renders the units here, one after another; "ray" runs one
+    Ray task per unit (``runtime.threads`` CPUs each, or one GPU each with
     a CUDA device), a level at a time, and commits each as it finishes. Both call `render_icon_batch`
     with the same seeds and starts.
     """
@@ -351,8 +353,11 @@ def run_render(run_dir: str | Path, layer: str | None = None, cfg: RenderConfig 
         save_npz_atomic(p, **{k: arrays[k] for k in ICON_ARRAYS if k in arrays})
 
     def seeded(lv, b):
+        """The unit's config: its own seed; the coarsest level, which has no parents to start from,
+        renders with the `standalone` form of a parent warm start."""
         seed = int(config_hash({"seed": cfg.seed, "level": lv.size, "batch": b})[:8], 16)
-        return dataclasses.replace(cfg, seed=seed)
+        base = cfg.standalone() if lv.size == levels[0].size else cfg
+        return dataclasses.replace(base, seed=seed)
 
     def level_images(lv):
         return np.concatenate([np.load(done_path(lv, b))["images"] for b, _ in _batches(lv, unit)])

@@ -113,13 +113,15 @@ def parse_cell_spec(text: str) -> CellSpec:
 
 
 def run_render_config(run_dir, layer: str, **overrides):
-    """The `RenderConfig` of the run's last render of `layer` (manifest ``render:<layer>`` stage), else
-    ``RenderConfig.cpu_default()``, with `overrides` (None values ignored) applied; and the whitening
+    """The `RenderConfig` of the run's last render of `layer` (manifest ``render:<layer>`` stage; its
+    `standalone` form: these icons have no parent level), else ``RenderConfig.single_level()``, with
+    `overrides` (None values ignored) applied; and the whitening
     ridge recorded for the layer (default 1e-2). Returns (cfg, ridge)."""
     stages = read_manifest(Path(run_dir)).get("stages", {})
     rec = stages.get(f"render:{layer}", {}).get("config", {}).get("render")
     fields = {f.name for f in dataclasses.fields(RenderConfig)}
-    cfg = RenderConfig(**{k: v for k, v in rec.items() if k in fields}) if rec else RenderConfig.cpu_default()
+    cfg = (RenderConfig(**{k: v for k, v in rec.items() if k in fields}).standalone() if rec
+           else RenderConfig.single_level())
     ridge = float(stages.get(f"whiten:{layer}", {}).get("config", {}).get("ridge", 1e-2))
     over = {k: v for k, v in overrides.items() if v is not None}
     try:

@@ -142,7 +142,7 @@ def _setup(run_dir, layer, render_cfg):
     if run.attributions(layer) is None:
         raise ConfigError(f"run {run_dir} has no attributions for layer {layer!r}: collect with "
                         "attributions='full' for class atlases and comparisons")
-    cfg = render_cfg or RenderConfig.cpu_default()
+    cfg = render_cfg.standalone() if render_cfg is not None else RenderConfig.single_level()
     return run_dir, run, layer, cfg, stage_hash(run_dir, "collect")
 
 
@@ -351,7 +351,8 @@ def class_atlas_and_render(run_dir, layer: str | None, cls, *, mode: str = "winn
     name, index or wnid ("did you mean" on near misses); mode: "winner" | "top" (``class_filter``);
     top: rows kept by "top"; grid: G; min_count: smallest kept cell (the reference's min_density 4);
     layout_cfg: ``LayoutConfig`` (default UMAP 20 / 0.01 / cosine, adapted to small subsets);
-    render_cfg: ``RenderConfig`` (default ``cpu_default()``, whitened with ``RUN/whiten/<layer>``);
+    render_cfg: ``RenderConfig`` (default ``single_level()``, whitened with ``RUN/whiten/<layer>``; a
+        parent warm start becomes its `standalone` match: a view has one level);
     out: results folder (default ``RUN/class-atlas/<layer>/<index-name>-<mode>``); viewer: also write
     ``viewer/index.html``; force: recompute even when `out` holds a result with the same inputs and
     settings (otherwise loaded, ``ran=False``); spec: the run's model, loaded when None.

@@ -123,6 +123,15 @@ def add_render_args(p, device: bool = True, seed: bool = True) -> None:
     p.add_argument("--power", type=float, help="cosine power in the objective")
     p.add_argument("--transforms", choices=["recipe", "notebook", "none"], help="robustness transforms")
     p.add_argument("--no-whiten", action="store_true", help="do not whiten the target directions")
+    p.add_argument("--fast", action="store_true",
+                   help="quick previews: each icon stops at its own plateau (about 30 steps), lr 0.1, parent "
+                        "starts; less faithful to the cell means than the default (BENCHMARKS.md)")
+    p.add_argument("--warm-start", choices=["none", "parent", "member", "parent-member"],
+                   help="where icons start: random, the parent cell's icon (default), the closest member's "
+                        "real patch, or parents then members")
+    p.add_argument("--stop", choices=["fixed", "plateau"], help="every icon runs --steps, or stops at its plateau")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 0.05)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine", "warmup-cosine"], help="learning-rate schedule")
     if device:
         add_device_args(p)
     if seed:
@@ -172,10 +181,14 @@ def layout_config(args) -> LayoutConfig:
 def render_config(args) -> RenderConfig:
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps {args.steps}: icons need at least 1 optimisation step (valid: 1..100000)")
-    cfg = RenderConfig.article() if args.article else RenderConfig.cpu_default()
+    if args.article and args.fast:
+        raise ConfigError("--article and --fast are two presets: give one")
+    cfg = (RenderConfig.article() if args.article else RenderConfig.fast() if args.fast
+           else RenderConfig.cpu_default())
     over = {"steps": args.steps, "attempts": args.attempts, "icon_size": args.icon_size,
             "batch_size": args.icon_batch, "objective": args.objective, "power": args.power,
-            "transforms": args.transforms}
+            "transforms": args.transforms, "warm_start": args.warm_start, "stop": args.stop, "lr": args.lr,
+            "lr_schedule": args.lr_schedule}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None},
                               seed=args.seed, device=getattr(args, "device", None))
     if args.no_whiten:

@@ -133,18 +133,45 @@ class RenderConfig:
 
     @classmethod
     def cpu_default(cls, **overrides) -> "RenderConfig":
-        """Modest settings for a 2-core CPU: 128 steps, 1 attempt, 64 px, batch 8, recipe chain, whitened,
-        true-cosine objective.
+        """Settings for a 2-core CPU: 64 steps, 1 attempt, 64 px, batch 8, recipe chain, whitened,
+        true-cosine objective, finer levels started from their parent cells' icons.
 
-        Measured on efficientnet_lite0 blocks.8 (2 threads): fidelity keeps rising slowly after 128
-        steps, but 128 already lifts it most of the way; batch 8 gives ~2x the icons/s of batch 1.
-        On 8 cells of the bundled-photo atlas (whitened, 128 steps) the true-cosine objective reached
-        mean fidelity 0.53 against 0.37 for the Lucid-faithful one, whose icons stayed near grey
-        (pixel std 2.5 vs 32); the best real member of each cell scored 0.47. ``objective="lucid"``
-        keeps the faithful port.
+        Chosen on efficientnet_lite0 blocks.8 with the honest icon scores (issue 12, BENCHMARKS.md
+        "Render less"; `scripts/bench_render_less.py`): 128 random-start steps (the previous default)
+        gave retrieval@1 0.89 raw / 1.00 whitened and colourfulness 23.1, contrast 31.1, border fill
+        0.154 on 64 cells of level 20; 64 steps from the parent icon give 0.81 / 1.00 and 23.4, 31.0,
+        0.149 for half the steps, and 64 random-start steps only 0.77 / 1.00 and 18.3, 24.2, 0.124.
+        Batch 8 gives ~2x the icons/s of batch 1 on 2 cores; the true-cosine objective keeps icons from
+        staying near grey (``objective="lucid"`` keeps the faithful port).
         """
-        base = dict(steps=128, attempts=1, icon_size=64, batch_size=8, whiten=True, objective="cosine")
+        base = dict(steps=64, attempts=1, icon_size=64, batch_size=8, whiten=True, objective="cosine",
+                    warm_start="parent")
         return cls(**{**base, **overrides})
+
+    @classmethod
+    def single_level(cls, **overrides) -> "RenderConfig":
+        """`cpu_default` for icons rendered without a coarser level to start from (class atlases,
+        comparisons, patch search): random starts with 128 steps, the previous default, which scored
+        at least as well as 64 steps from parents (see `cpu_default`)."""
+        return cls.cpu_default(**{"steps": 128, "warm_start": "none", **overrides})
+
+    def standalone(self) -> "RenderConfig":
+        """This config for icons that have no parent level: a "parent" warm start becomes a random
+        start with twice the steps (the measured random-start match of parent starts, `cpu_default`),
+        "parent-member" becomes "member"; other configs are returned unchanged."""
+        if self.warm_start == "parent":
+            return dataclasses.replace(self, warm_start="none", steps=2 * self.steps)
+        if self.warm_start == "parent-member":
+            return dataclasses.replace(self, warm_start="member")
+        return self
+
+    @classmethod
+    def fast(cls, **overrides) -> "RenderConfig":
+        """Quick previews: `cpu_default` with lr 0.1 and each icon stopped at its own plateau (at most
+        128 steps). On blocks.8 (issue 12): 29 steps per icon on average, retrieval@1 0.69 raw / 0.97
+        whitened, and more vivid icons than the default (colourfulness 30.6, contrast 34.9)."""
+        base = dict(steps=128, lr=0.1, stop="plateau")
+        return cls.cpu_default(**{**base, **overrides})
 
     @classmethod
     def article(cls, **overrides) -> "RenderConfig":
