@@ -19,6 +19,10 @@ layer (each layer's map mixes the previous layer's input with fresh directions) 
 layers share structure as a network's layers do. ``--run RUN --layers ...``: real activations from a run
 collected with shared locations (its first n rows).
 
+The layouts themselves are kept (in a temporary folder) and compared as ``summary.json["alignment"]``
+compares them (`actatlas.alignment.pair_measure`, displacement only): how far a sample moves between
+consecutive layers' maps, aligned vs independent after Procrustes, and by chance.
+
 ``--stock N``: also time umap-learn's own ``AlignedUMAP.fit_transform`` at N rows (same settings), in
 its own subprocess, for the comparison (it recompiles its SGD on every call and computes its
 neighbourhood weights in O(n^2), so it is slow).
@@ -29,8 +33,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,6 +45,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "src"))   # this checkout's actatlas, as in the measuring subprocesses
 
 
 class PeakSampler:
@@ -104,6 +111,7 @@ def measure(args) -> dict:
     n = args.n
     data = load_data(args, n)
     warm = [x[:1000] for x in data]
+    keep = None
     if args.what == "stock":
         import warnings
 
@@ -117,23 +125,27 @@ def measure(args) -> dict:
                         transform_seed=0, low_memory=True, n_epochs=args.epochs).fit_transform(xs, relations=rel)
     elif args.what == "aligned":
         def call(xs):
-            compute_aligned_layouts(xs, cfg, AlignConfig(), progress=False)
+            return np.stack([la.coords for la in compute_aligned_layouts(xs, cfg, AlignConfig(), progress=False)])
     else:
         k = int(args.what)
 
         def call(xs):
-            compute_layout(xs[k], cfg, progress=False)
+            return compute_layout(xs[k], cfg, progress=False).coords
     call(warm)
     base = PeakSampler.read()
     t0 = time.perf_counter()
     with PeakSampler() as ps:
-        call(data)
+        keep = call(data)
+    if args.save and keep is not None:
+        np.save(Path(args.save) / f"{args.what}-{n}.npy", keep)
     return {"what": args.what, "n": n, "seconds": round(time.perf_counter() - t0, 2),
             "peak_anon_mb": round((ps.peak_kb - base) / 1024, 1), "held_before_mb": round(base / 1024, 1)}
 
 
-def run_one(what: str, n: int, args) -> dict:
+def run_one(what: str, n: int, args, save: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--measure", what, "--n", str(n), "--dims", args.dims]
+    if save:
+        cmd += ["--save", save]
     if args.epochs:
         cmd += ["--epochs", str(args.epochs)]
     if args.run:
@@ -158,6 +170,7 @@ def main() -> None:
     p.add_argument("--stock", type=int, default=0, help="also time umap-learn's AlignedUMAP at this many rows")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--measure", help=argparse.SUPPRESS)
+    p.add_argument("--save", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:
@@ -168,8 +181,9 @@ def main() -> None:
     results = []
     for n in [int(s) for s in args.sizes.split(",")]:
         print(f"n = {n}, {n_layers} layers", flush=True)
-        indep = [run_one(str(k), n, args) for k in range(n_layers)]
-        al = run_one("aligned", n, args)
+        tmp = tempfile.mkdtemp(prefix="bench-align-")
+        indep = [run_one(str(k), n, args, tmp) for k in range(n_layers)]
+        al = run_one("aligned", n, args, tmp)
         s_sum = sum(r["seconds"] for r in indep)
         row = {"n": n, "layers": n_layers, "independent": indep, "aligned": al,
                "independent_seconds_sum": round(s_sum, 2), "time_ratio": round(al["seconds"] / s_sum, 3),
@@ -177,10 +191,20 @@ def main() -> None:
                "independent_peak_sum_mb": round(sum(r["peak_anon_mb"] for r in indep), 1),
                "aligned_peak_mb": al["peak_anon_mb"]}
         row["memory_ratio_to_sum"] = round(row["aligned_peak_mb"] / max(row["independent_peak_sum_mb"], 1e-9), 3)
+        from actatlas.alignment import pair_measure
+
+        aligned_coords = np.load(Path(tmp) / f"aligned-{n}.npy")
+        own = [np.load(Path(tmp) / f"{k}-{n}.npy") for k in range(n_layers)]
+        row["displacement"] = [pair_measure((aligned_coords[k], aligned_coords[k + 1]), (own[k], own[k + 1]), None,
+                                            10, 6)["displacement"] for k in range(n_layers - 1)]
+        shutil.rmtree(tmp, ignore_errors=True)
         results.append(row)
         print(f"  aligned / sum of independent: time {row['time_ratio']:.2f}x; peak memory {row['aligned_peak_mb']:.0f} MB "
               f"vs {row['independent_peak_sum_mb']:.0f} MB summed ({row['independent_peak_max_mb']:.0f} MB largest)",
               flush=True)
+        for k, d in enumerate(row["displacement"]):
+            print(f"  displacement {k}->{k + 1}: aligned {d['aligned']:.3f}, independent after Procrustes "
+                  f"{d['independent_after_procrustes']:.3f}, chance {d['chance']:.3f}", flush=True)
     if args.stock:
         print(f"umap-learn's AlignedUMAP at n = {args.stock}", flush=True)
         results.append({"stock": run_one("stock", args.stock, args)})

@@ -516,7 +516,7 @@ def _aligned_umap(xs: list[np.ndarray], cfg: LayoutConfig, align: AlignConfig, p
         for x in xs:
             mapper = umap.UMAP(n_neighbors=k, min_dist=cfg.min_dist, n_epochs=n_epochs, metric=cfg.metric,
                                random_state=seed, transform_seed=transform_seed, low_memory=True,
-                               transform_mode="graph", verbose=progress).fit(x)
+                               n_jobs=1 if seed is not None else -1, transform_mode="graph", verbose=progress).fit(x)
             g = mapper.graph_
             d = g.data      # the pruning of simplicial_set_embedding, which writes into the graph's data
             d[d < d.max() / float(n_epochs if n_epochs > 10 else 500 if n <= 10000 else 200)] = 0.0
