@@ -72,6 +72,20 @@ def test_ray_collect_equals_local(session, local_run):
     assert not (out / "collect" / "shards").exists()
 
 
+def test_ray_collect_with_shared_locations_equals_local(session):
+    """Aligned atlases collect at shared image locations; the Ray engine draws the same ones."""
+    spec = aa.load_model("tinymodels:tiny_cnn")
+    runs = {}
+    for engine in ("local", "ray"):
+        out = session["base"] / f"shared-{engine}"
+        aa.collect(spec, aa.images(session["folder"]), out, engine=engine, shared_locations=True, **COLLECT)
+        runs[engine] = aa.open_run(out)
+    assert_same_store(runs["local"], runs["ray"])
+    for layer in ("conv1", "conv2"):
+        np.testing.assert_array_equal(runs["local"].locations(layer), runs["ray"].locations(layer))
+    assert runs["ray"].shared_locations
+
+
 def test_killed_actor_is_restarted_and_rows_land_once(session, local_run):
     marker = session["marker"]
     assert not marker.exists()

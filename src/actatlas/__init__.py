@@ -25,15 +25,15 @@ from .runtime import Runtime, enable_numba_cache  # noqa: E402
 from .collect import CollectConfig, CollectResult, collect  # noqa: E402
 from .run import Run, Rows, open_run  # noqa: E402
 from .evaluate import EvalResult, evaluate  # noqa: E402
-from .layout import LayoutConfig  # noqa: E402
+from .layout import AlignConfig, LayoutConfig  # noqa: E402
 from .render import RenderConfig  # noqa: E402
-from .atlas import Atlas, open_atlas  # noqa: E402
+from .atlas import Atlas, AtlasSet, open_atlas  # noqa: E402
 from .pipeline import BuildReport, build_atlas  # noqa: E402
 from .export import AtlasView, export_atlases, export_site, save_site, show  # noqa: E402
 
 __all__ = [
-    "__version__", "build_atlas", "BuildReport", "Atlas", "open_atlas", "show", "AtlasView", "save_site",
-    "export_site", "export_atlases", "LayoutConfig", "RenderConfig",
+    "__version__", "build_atlas", "BuildReport", "Atlas", "AtlasSet", "open_atlas", "show", "AtlasView", "save_site",
+    "export_site", "export_atlases", "LayoutConfig", "AlignConfig", "RenderConfig",
     "CollectConfig", "Runtime", "enable_numba_cache", "collect", "CollectResult", "open_run", "Run", "Rows",
     "load_model", "list_models", "ModelSpec", "Preprocess", "images", "ImageSource", "capture", "list_layers",
     "evaluate", "EvalResult", "UserError", "ActatlasError", "ConfigError", "DataError", "ModelError",

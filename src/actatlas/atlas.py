@@ -195,6 +195,40 @@ class Atlas:
         return cls(meta["layer"], levels, meta["class_names"], meta.get("summary", {}), run_dir=run_dir)
 
 
+@dataclass
+class AtlasSet:
+    """The atlases of several layers of one run, in their order (what ``build_atlas`` returns for
+    several layers): iterate it, index it by position or layer name. `aligned`: their layouts were laid
+    out jointly, so a place in one layer's map is the same place in the others'."""
+
+    atlases: list[Atlas]
+    aligned: bool = False
+    summary: dict = field(default_factory=dict)
+    run_dir: Path | None = None
+    report: Any = field(default=None, repr=False, compare=False)  # pipeline.BuildReport of build_atlas
+
+    @property
+    def layers(self) -> list[str]:
+        return [a.layer for a in self.atlases]
+
+    def __len__(self) -> int:
+        return len(self.atlases)
+
+    def __iter__(self):
+        return iter(self.atlases)
+
+    def __getitem__(self, key: int | str) -> Atlas:
+        if isinstance(key, str):
+            for a in self.atlases:
+                if a.layer == key:
+                    return a
+            raise ConfigError(f"no atlas of layer {key!r}; layers: {', '.join(self.layers)}")
+        return self.atlases[key]
+
+    def _repr_html_(self) -> str:
+        return "".join(a.canvas_html() for a in self.atlases)
+
+
 HEAT_MODES = ("weighted", "winner", "attribution")
 SCORE_PREFIX = "score_"   # the honest icon scores' arrays in level-<G>.npz
 

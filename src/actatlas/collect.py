@@ -24,8 +24,9 @@ from .devices import resolve_device
 from .errors import ConfigError, DataError
 from .models.spec import ModelSpec
 from .collect_batch import (ATTRIBUTIONS, AMP_MIN_COSINE, ENGINES, POSITIONS, BatchOutput,  # noqa: F401  (re-exported)
-                            CollectConfig, amp_context, layer_shapes, local_batches, make_plan, position_warnings,
-                            process_batch, resolve_layers, sample_positions, store_widths)
+                            CollectConfig, amp_context, check_alignable, check_shared_layers, layer_shapes, local_batches,
+                            locations_to_positions, make_plan, position_warnings, process_batch, resolve_layers,
+                            sample_positions, shared_locations, store_widths)
 from .stages import config_hash, run_stage, update_manifest
 from .store import (ShardWriter, committed_shards, consolidate, ensure_dir, remove_shards,
                     write_json_atomic)
@@ -78,6 +79,8 @@ def _record(spec: ModelSpec, source: ImageSource, cfg: CollectConfig, layers: di
         record["amp"] = True
     if cfg.smooth_maxpool:
         record["smooth_maxpool"] = True
+    if cfg.shared_locations:
+        record["shared_locations"] = True
     return record
 
 
@@ -106,15 +109,23 @@ def collect(spec: ModelSpec, source: ImageSource, out: str | Path, cfg: CollectC
     if len(source) == 0:
         raise DataError("the image source is empty")
     record = _record(spec, source, cfg, layers)
+    if cfg.shared_locations:   # refused before anything is written
+        check_alignable(spec, layers)
     ensure_dir(out, "run directory")
     store_dir = ensure_dir(out / "collect", "store directory")
     result: list[CollectResult] = []
 
     def conflict(prev: dict) -> None:
         if not overwrite:
-            diff = sorted(k for k in record if prev.get("config", {}).get(k) != record[k])
+            old = prev.get("config", {})
+            diff = sorted(k for k in set(record) | set(old) if old.get(k) != record.get(k))
+            why = ""
+            if cfg.shared_locations and not old.get("shared_locations"):
+                why = (" (it was collected without shared locations, so its layers' rows are not the same image "
+                       "locations and cannot be aligned; collect the layers to align again with "
+                       "shared_locations, into another run directory)")
             raise ConfigError(f"{out} already holds a collect with a different config (differs in: "
-                              f"{', '.join(diff)}); overwrite it or use another run directory")
+                              f"{', '.join(diff)}){why}; overwrite it or use another run directory")
         for p in store_dir.iterdir():
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
@@ -210,6 +221,7 @@ def _write_shards(spec: ModelSpec, source: ImageSource, store_dir: Path, cfg: Co
     return processed
 
 
-__all__ = ["collect", "CollectResult", "CollectConfig", "process_batch", "sample_positions", "resolve_layers",
+__all__ = ["collect", "CollectResult", "CollectConfig", "process_batch", "sample_positions", "shared_locations",
+           "locations_to_positions", "check_shared_layers", "check_alignable", "resolve_layers",
            "layer_shapes", "BatchOutput", "local_batches", "make_plan", "amp_context", "position_warnings",
            "store_widths", "POSITIONS", "ATTRIBUTIONS", "ENGINES", "AMP_MIN_COSINE"]

@@ -12,6 +12,17 @@ loop over 1000 classes.
 
 `process_batch` is what every engine runs on a batch: the local one (`local_batches`, driven by
 ``actatlas.collect``) and the Ray one (``actatlas.ray_engine``).
+
+Shared locations (``CollectConfig.shared_locations``, what aligned atlases need): instead of drawing
+positions per layer, each image's K samples are drawn once as normalized image locations (u, v) in
+[0, 1)^2 (u down, v across; `shared_locations`) and every layer takes the cell that holds them
+(`locations_to_positions`): ``y = min(floor(u * h), h - 1)``, ``x = min(floor(v * w), w - 1)``. The
+draw depends only on (seed, image index) and the coarsest map of the collected layers (the smallest h
+and w): K distinct cells of that map, ``border`` cells from its edges, and a uniform point inside each.
+So row r of every layer is the same image at the same place, every layer's position is at least
+``border`` cells from its edges (a finer map's cells are no larger), and with maps whose sizes divide
+(28, 14, 7) each finer position lies inside the coarser cell. The locations are stored with the rows
+(``collect/<layer>/locations.npy``, float32 [n, 2]), so alignment can check that rows correspond.
 """
 
 from __future__ import annotations
@@ -65,6 +76,10 @@ class CollectConfig:
         max-pool gradient (d/dx of avg_pool(x^2) / (1e-2 + avg_pool(|x|)), method.md §1.3) instead
         of the exact one; only models built from `MaxPool2dSame` (InceptionV1) have such pools.
         Activations and logits are unchanged. Part of the config hash when on.
+    shared_locations: every layer samples the same image locations (module docstring), drawn once per
+        image instead of once per layer, and the store keeps them; what aligned layouts need. Only
+        with positions "random" or "center", and only for layers with a spatial map. Part of the
+        config hash when on.
     """
 
     layers: tuple[str, ...] | None = None
@@ -86,6 +101,7 @@ class CollectConfig:
     address: str | None = None
     ray_actors: int | None = None
     smooth_maxpool: bool = False
+    shared_locations: bool = False
 
     def validate(self) -> None:
         if self.positions not in POSITIONS:
@@ -109,6 +125,10 @@ class CollectConfig:
                             "see docs/scale.md)")
         if self.ray_actors is not None and self.ray_actors < 1:
             raise ConfigError("ray actors must be >= 1")
+        if self.shared_locations and self.positions == "all":
+            raise ConfigError("shared_locations samples the same image locations in every layer; positions 'all' "
+                              "takes every cell of each map instead (a different number per layer): use positions "
+                              "'random' or 'center'")
 
     # Fields that change the stored rows; the others (batch size, device, threads) do not.
     RESULT_FIELDS = ("layers", "positions", "per_image", "border", "attributions", "topk", "seed", "limit",
@@ -119,20 +139,27 @@ class CollectConfig:
 # positions
 
 
+def _interior(h: int, w: int, border: int) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1): the cells at least `border` from each edge of an h x w map, or the whole map
+    when that leaves none."""
+    b = border
+    return (b, h - b, b, w - b) if (h - 2 * b >= 1 and w - 2 * b >= 1) else (0, h, 0, w)
+
+
 def sample_positions(h: int, w: int, image_index: int, layer: str, cfg: CollectConfig) -> np.ndarray:
-    """[K, 2] (y, x) positions in a layer map of size h x w for one image.
+    """[K, 2] (y, x) positions in a layer map of size h x w for one image (positions per layer).
 
     Deterministic in (seed, image index, layer) only, so a resumed or re-batched run samples the
     same positions. "random" draws K distinct positions from the interior (``border`` cells away
-    from each edge, or the whole map when it is too small).
+    from each edge, or the whole map when it is too small). With ``shared_locations`` the positions
+    come from `shared_locations` and `locations_to_positions` instead.
     """
     if cfg.positions == "center":
         return np.array([[h // 2, w // 2]], dtype=np.int64)
     if cfg.positions == "all":
         yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
         return np.stack([yy.ravel(), xx.ravel()], axis=1)
-    b = cfg.border
-    y0, y1, x0, x1 = (b, h - b, b, w - b) if (h - 2 * b >= 1 and w - 2 * b >= 1) else (0, h, 0, w)
+    y0, y1, x0, x1 = _interior(h, w, cfg.border)
     n_cand = (y1 - y0) * (x1 - x0)
     k = min(cfg.per_image, n_cand)
     rng = np.random.default_rng([cfg.seed, image_index, zlib.crc32(layer.encode())])
@@ -140,8 +167,67 @@ def sample_positions(h: int, w: int, image_index: int, layer: str, cfg: CollectC
     return np.stack([y0 + flat // (x1 - x0), x0 + flat % (x1 - x0)], axis=1).astype(np.int64)
 
 
+SHARED_TAG = zlib.crc32(b"shared-locations")   # the third seed word of shared locations (never a layer's)
+
+
+def shared_locations(h: int, w: int, image_index: int, cfg: CollectConfig) -> np.ndarray:
+    """float64 [K, 2] normalized image locations (u down, v across, in [0, 1)) of one image's samples,
+    shared by every layer; (h, w) is the coarsest map of the collected layers (smallest height and
+    width). "random": K distinct cells of that map at least ``border`` from its edges (or anywhere
+    when that leaves none), a uniform point in each; "center": (0.5, 0.5). Deterministic in (seed,
+    image index) and (h, w, border, per_image) only, never in a layer's name."""
+    if cfg.positions == "center":
+        return np.array([[0.5, 0.5]])
+    y0, y1, x0, x1 = _interior(h, w, cfg.border)
+    n_cand = (y1 - y0) * (x1 - x0)
+    k = min(cfg.per_image, n_cand)
+    rng = np.random.default_rng([cfg.seed, image_index, SHARED_TAG])
+    flat = rng.choice(n_cand, size=k, replace=False)
+    offset = rng.random((k, 2))
+    cell = np.stack([y0 + flat // (x1 - x0), x0 + flat % (x1 - x0)], axis=1)
+    return (cell + offset) / np.array([h, w], np.float64)
+
+
+def locations_to_positions(locations: np.ndarray, h: int, w: int) -> np.ndarray:
+    """int64 [K, 2] (y, x) cells of an h x w map that hold normalized locations [K, 2] (u, v):
+    y = min(floor(u * h), h - 1), x = min(floor(v * w), w - 1) (clipped at 0 too)."""
+    loc = np.asarray(locations, np.float64)
+    y = np.clip(np.floor(loc[:, 0] * h), 0, h - 1)
+    x = np.clip(np.floor(loc[:, 1] * w), 0, w - 1)
+    return np.stack([y, x], axis=1).astype(np.int64)
+
+
+def coarsest_map(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
+    """(h, w): the smallest height and width among the spatial outputs in `shapes` ([c, h, w])."""
+    maps = [s for s in shapes.values() if len(s) == 3]
+    return (min(s[1] for s in maps), min(s[2] for s in maps)) if maps else (1, 1)
+
+
+def check_shared_layers(shapes: dict[str, tuple[int, ...]]) -> None:
+    """ConfigError unless every layer (label -> output shape without batch) has a spatial map with more
+    than one cell: shared locations (and aligned layouts) place each sample at one image location in
+    every layer, which a layer without a map (a [d] output, or a global-pooled [c, 1, 1] one) lacks."""
+    for label, shp in shapes.items():
+        if len(shp) != 3 or shp[1] * shp[2] < 2:
+            kind = "has no spatial output" if len(shp) != 3 else "is global-pooled (a 1x1 map)"
+            raise ConfigError(f"layer {label} {kind} (shape {list(shp)}), so its samples cannot sit at the same "
+                              "image locations as the other layers'; shared locations and aligned layouts need "
+                              "layers with a spatial map [c, h, w] (see 'actatlas layers MODEL')")
+
+
+def check_alignable(spec: ModelSpec, layers: dict[str, str]) -> None:
+    """`check_shared_layers` for the layers (label -> module) of `spec`, from one forward pass at its
+    input size (on its device)."""
+    shapes = layer_shapes(spec, list(layers.values()), spec.device)
+    check_shared_layers({label: shapes[m] for label, m in layers.items()})
+
+
 def position_warnings(shapes: dict[str, tuple[int, ...]], cfg: CollectConfig) -> list[str]:
-    """One line per setting that the layers' map sizes silently override (label -> [c, h, w] / [d])."""
+    """One line per setting that the layers' map sizes silently override (label -> [c, h, w] / [d]).
+    With shared locations only the coarsest map decides (it is where the locations are drawn)."""
+    if cfg.shared_locations:
+        h, w = coarsest_map(shapes)
+        shapes = {f"(the coarsest map of {', '.join(shapes)})": (0, h, w)}
     msgs = []
     for label, shp in shapes.items():
         if len(shp) != 3 or cfg.positions != "random":
@@ -169,6 +255,8 @@ def store_widths(shapes: dict[str, tuple[int, ...]], num_classes: int, cfg: Coll
             w["attributions"] = int(num_classes)
         elif cfg.attributions == "topk":
             w["attr_index"] = w["attr_value"] = int(min(cfg.topk, num_classes))
+        if cfg.shared_locations:
+            w["locations"] = 2
         out[label] = w
     return out
 
@@ -219,7 +307,7 @@ def process_batch(spec: ModelSpec, layers: dict[str, str], shapes: dict[str, tup
     x = spec.preprocess.normalize(batch.to(device))
     if spec.info.get("channels_last"):
         x = x.contiguous(memory_format=torch.channels_last)
-    pos = _batch_positions(layers, shapes, image_index, cfg, device)
+    pos, locations = _batch_positions(layers, shapes, image_index, cfg, device)
     fwd = _Forwards(spec, x, pos, cfg)
     attrs: dict[str, torch.Tensor] = {}  # mod -> [b, K, classes]
     if cfg.attributions == "none":
@@ -234,20 +322,29 @@ def process_batch(spec: ModelSpec, layers: dict[str, str], shapes: dict[str, tup
                 per_slot.append(tan)
             attrs[mod] = torch.stack(per_slot, dim=1)
     top_i, top_p = _top5(logits)
-    return {label: _layer_batch(fwd.gathered[mod], pos[mod], attrs.get(mod), top_i, top_p, image_index, cfg)
+    return {label: _layer_batch(fwd.gathered[mod], pos[mod], attrs.get(mod), top_i, top_p, image_index, cfg,
+                                locations)
             for label, mod in layers.items()}
 
 
 def _batch_positions(layers: dict[str, str], shapes: dict[str, tuple[int, ...]], image_index: np.ndarray,
-                     cfg: CollectConfig, device) -> dict[str, torch.Tensor]:
-    """module -> [b, K, 2] (y, x) sampled positions of each image (a [d] output has the one (0, 0))."""
+                     cfg: CollectConfig, device) -> tuple[dict[str, torch.Tensor], np.ndarray | None]:
+    """(module -> [b, K, 2] (y, x) sampled positions of each image (a [d] output has the one (0, 0)),
+    the shared locations float64 [b, K, 2] or None when each layer draws its own)."""
     pos: dict[str, torch.Tensor] = {}
+    locations = None
+    if cfg.shared_locations:
+        hc, wc = coarsest_map({mod: shapes[mod] for mod in layers.values()})
+        locations = np.stack([shared_locations(hc, wc, int(i), cfg) for i in image_index])
     for label, mod in layers.items():
         shp = shapes[mod]
         h, w = (shp[1], shp[2]) if len(shp) == 3 else (1, 1)
-        p = np.stack([sample_positions(h, w, int(i), label, cfg) for i in image_index])
+        if locations is not None:
+            p = np.stack([locations_to_positions(loc, h, w) for loc in locations])
+        else:
+            p = np.stack([sample_positions(h, w, int(i), label, cfg) for i in image_index])
         pos.setdefault(mod, torch.as_tensor(p, device=device))
-    return pos
+    return pos, locations
 
 
 class _Forwards:
@@ -309,8 +406,10 @@ def _top5(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _layer_batch(acts: torch.Tensor, pos: torch.Tensor, attr: torch.Tensor | None, top_i: torch.Tensor,
-                 top_p: torch.Tensor, image_index: np.ndarray, cfg: CollectConfig) -> LayerBatch:
-    """The b*K rows of one layer: acts [b, K, c], pos [b, K, 2], attr [b, K, classes] or None."""
+                 top_p: torch.Tensor, image_index: np.ndarray, cfg: CollectConfig,
+                 locations: np.ndarray | None = None) -> LayerBatch:
+    """The b*K rows of one layer: acts [b, K, c], pos [b, K, 2], attr [b, K, classes] or None,
+    locations [b, K, 2] (shared locations) or None."""
     b, k_slots = acts.shape[:2]
     p = pos.cpu().numpy()
     rep = lambda t: np.repeat(t.cpu().numpy(), k_slots, axis=0)  # noqa: E731
@@ -318,7 +417,8 @@ def _layer_batch(acts: torch.Tensor, pos: torch.Tensor, attr: torch.Tensor | Non
         activations=acts.reshape(b * k_slots, -1).cpu().numpy(),
         image=np.repeat(np.asarray(image_index, np.int64), k_slots),
         y=p[..., 0].reshape(-1).astype(np.int16), x=p[..., 1].reshape(-1).astype(np.int16),
-        top5=rep(top_i).astype(np.int32), top5_prob=rep(top_p).astype(np.float32))
+        top5=rep(top_i).astype(np.int32), top5_prob=rep(top_p).astype(np.float32),
+        locations=None if locations is None else locations.reshape(b * k_slots, 2).astype(np.float32))
     if attr is not None:
         a = attr.reshape(b * k_slots, -1)
         if cfg.attributions == "full":

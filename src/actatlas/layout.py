@@ -8,6 +8,13 @@ Determinism: with ``seed`` set (default 0) and ``deterministic=True`` umap-learn
 thread, so the same data and seed give a bit-identical layout. ``deterministic=False`` lets it use
 all cores (faster on big inputs, not reproducible). t-SNE and PCA are deterministic for a fixed seed.
 
+Aligned layouts (``compute_aligned_layouts``): several layers whose rows are the same samples (a
+collect with shared locations) laid out jointly, so that a sample sits at about the same place in
+every layer's map. UMAP: umap-learn's ``AlignedUMAP`` with identity relations between consecutive
+layers (``_aligned_umap``); PCA: each layer's PCA, rotated or reflected onto the previous layer's by
+orthogonal Procrustes (the cheap route, for tests and quick looks). All layers are normalized by one
+shared transform, so [0, 1]^2 means the same place in every layer.
+
 numba: umap-learn compiles its kernels on first use in every process (~30-60 s here). This module
 changes no global state; call ``actatlas.enable_numba_cache()`` once (``Runtime.apply`` does, at the
 CLI's and ``build_atlas``'s start) to keep the compiled code on disk, which turns a warm process's
@@ -156,6 +163,33 @@ class LayoutConfig:
     def from_dict(cls, d: dict) -> "LayoutConfig":
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Settings of an aligned layout beyond `LayoutConfig` (umap-learn's ``AlignedUMAP`` names).
+
+    regularisation: ``alignment_regularisation`` (lambda): how strongly a sample is pulled toward its
+        place in the neighbouring layers (umap-learn's default 0.01).
+    window:         ``alignment_window_size``: how many layers on each side pull (default 3).
+    """
+
+    regularisation: float = 1e-2
+    window: int = 3
+
+    def __post_init__(self):
+        if not isinstance(self.regularisation, (int, float)) or not self.regularisation >= 0:
+            raise ConfigError(f"invalid align config: regularisation must be >= 0, got {self.regularisation!r}")
+        if not _is_int(self.window) or self.window < 1:
+            raise ConfigError(f"invalid align config: window must be an integer >= 1, got {self.window!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AlignConfig":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+ALIGNED_METHODS = ("umap", "pca")
+ALIGNED_EPOCHS = 200      # AlignedUMAP's default n_epochs
 
 
 def _is_int(v) -> bool:
@@ -359,6 +393,111 @@ def _umap(x: np.ndarray, cfg: LayoutConfig, params: dict, progress: bool) -> tup
                 idx = rest[a:a + step]
                 raw[idx] = np.asarray(model.transform(x[idx]), dtype=np.float32)
     return raw, engine
+
+
+# ----------------------------------------------------------------------------------------------
+# aligned layouts of several layers
+
+def compute_aligned_layouts(acts: list, cfg: LayoutConfig | None = None, align: AlignConfig | None = None,
+                            progress: bool = True, chunk_rows: int = 65536) -> list[Layout]:
+    """Lay out several layers jointly: ``acts[l]`` [n, c_l] are the same n samples in layer l (in the
+    order the layers are aligned: consecutive layers pull on each other). Returns one `Layout` per
+    layer, in the format of `compute_layout` (coords in [0, 1]^2), all normalized by one shared
+    transform (`normalize_layout` of the layers' raw embeddings stacked), so a place means the same in
+    every layer's map.
+
+    cfg.method "umap": umap-learn's AlignedUMAP with identity relations (`_aligned_umap`); "pca": each
+    layer's centered PCA, rotated/reflected onto the previous one by orthogonal Procrustes. ``fit_max``
+    and t-SNE have no aligned form (ConfigError); ``n_epochs`` None means AlignedUMAP's 200.
+    """
+    cfg = cfg or LayoutConfig()
+    align = align or AlignConfig()
+    if len(acts) < 2:
+        raise ConfigError(f"an aligned layout needs two or more layers, got {len(acts)}")
+    if cfg.method not in ALIGNED_METHODS:
+        raise ConfigError(f"method {cfg.method!r} has no aligned form; aligned layouts use "
+                          f"{' or '.join(ALIGNED_METHODS)}")
+    if cfg.fit_max is not None:
+        raise ConfigError("fit_max is not available for aligned layouts (AlignedUMAP cannot place new points); "
+                          "leave it unset, or use pca_dims to make a large layout cheaper")
+    shapes = [getattr(a, "shape", None) for a in acts]
+    if any(s is None or len(s) != 2 for s in shapes):
+        raise ConfigError(f"activations must be [n, c] arrays, got shapes {shapes}")
+    n = shapes[0][0]
+    if any(s[0] != n for s in shapes):
+        raise ConfigError(f"aligned layers must hold the same samples (rows), got row counts {[s[0] for s in shapes]}")
+    if n < MIN_ROWS:
+        raise ConfigError(f"a layout needs at least {MIN_ROWS} activation rows, got {n}")
+    params: dict = {"n": int(n), "c": [int(s[1]) for s in shapes], "layers": len(acts), "normalization": "joint"}
+    t0 = time.perf_counter()
+    if cfg.method == "pca":
+        raws = _aligned_pca([_pca_project(a, 2, center=True, chunk_rows=chunk_rows) for a in acts])
+        engine = "numpy"
+        params["aligned"] = "centered PCA per layer, orthogonal Procrustes onto the previous layer"
+    else:
+        if cfg.engine == "cuml":
+            raise ConfigError("engine 'cuml' has no aligned UMAP; use engine 'auto' or 'umap-learn'")
+        per_layer = [{} for _ in acts]
+        xs = [_features(a, cfg, p, chunk_rows) for a, p in zip(acts, per_layer)]
+        if any(per_layer):
+            params["features"] = per_layer
+        raws = _aligned_umap(xs, cfg, align, params, progress)
+        engine = "umap-learn"
+    seconds = time.perf_counter() - t0
+    raws = [np.asarray(r, np.float32) for r in raws]
+    if not all(np.isfinite(r).all() for r in raws):
+        raise ConfigError(f"the aligned {cfg.method} embedding produced NaN/inf values (samples without "
+                          "neighbours); try another seed, n_neighbors or pca_dims")
+    joint = normalize_layout(np.concatenate(raws), cfg.min_percentile, cfg.max_percentile, cfg.relative_margin,
+                             cfg.symmetric_margin).astype(np.float32)
+    log.info("aligned layout %s of %d layers x %d rows in %.1f s", cfg.method, len(acts), n, seconds)
+    return [Layout(coords=joint[k * n:(k + 1) * n], raw=r, config=cfg, seconds=seconds, method=cfg.method,
+                   engine=engine, params={**params, "aligned_index": k}) for k, r in enumerate(raws)]
+
+
+def procrustes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """b [n, d] moved by the rotation or reflection (orthogonal R) and translation that bring it
+    closest to a [n, d] in the least-squares sense: (b - mean b) R + mean a (no scaling)."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    ma, mb = a.mean(axis=0), b.mean(axis=0)
+    u, _, vt = np.linalg.svd((b - mb).T @ (a - ma))
+    return (b - mb) @ (u @ vt) + ma
+
+
+def _aligned_pca(raws: list[np.ndarray]) -> list[np.ndarray]:
+    out = [np.asarray(raws[0], np.float64)]
+    for r in raws[1:]:
+        out.append(procrustes(out[-1], r))
+    return out
+
+
+def _aligned_umap(xs: list[np.ndarray], cfg: LayoutConfig, align: AlignConfig, params: dict,
+                  progress: bool) -> list[np.ndarray]:
+    """Raw [n, 2] embeddings of every layer by umap-learn's ``AlignedUMAP`` with identity relations
+    between consecutive layers (row i is the same sample at every layer) and our layout settings.
+    ``seed`` None or ``deterministic`` False: unseeded (not reproducible)."""
+    import warnings
+
+    from umap.aligned_umap import AlignedUMAP
+
+    import_umap()           # the one clear error when umap-learn is missing
+    n, L = len(xs[0]), len(xs)
+    k = _n_neighbors(cfg, n)
+    n_epochs = cfg.n_epochs if cfg.n_epochs is not None else ALIGNED_EPOCHS
+    seed = cfg.seed if cfg.seed is not None and cfg.deterministic else None
+    transform_seed = cfg.seed if cfg.seed is not None else 42
+    params.update(n_neighbors=k, min_dist=cfg.min_dist, metric=cfg.metric, n_epochs=n_epochs, seed=cfg.seed,
+                  deterministic=cfg.deterministic, alignment_regularisation=align.regularisation,
+                  alignment_window_size=align.window, algorithm="AlignedUMAP (umap-learn), identity relations")
+    identity = {i: i for i in range(n)}
+    with _umap_quiet(progress), warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # umap-learn's notes on seeds and parallelism
+        mapper = AlignedUMAP(n_neighbors=k, min_dist=cfg.min_dist, metric=cfg.metric, n_epochs=n_epochs,
+                             alignment_regularisation=align.regularisation, alignment_window_size=int(align.window),
+                             random_state=seed, transform_seed=transform_seed, low_memory=True, verbose=progress)
+        out = mapper.fit_transform([np.asarray(x, np.float32) for x in xs], relations=[identity] * (L - 1))
+    return [np.asarray(emb, np.float32) for emb in out]
 
 
 def _tsne(x: np.ndarray, cfg: LayoutConfig, params: dict, progress: bool) -> np.ndarray:

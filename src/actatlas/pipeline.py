@@ -26,14 +26,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import render as render_pkg
-from .atlas import Atlas, AtlasLevel, atlas_dir
-from .collect import CollectConfig
+from .alignment import ALIGNED_DIR, ALIGNED_STAGE, alignment_report, check_shared_rows
+from .atlas import Atlas, AtlasLevel, AtlasSet, atlas_dir
+from .collect import CollectConfig, check_alignable, resolve_layers
 from .collect import collect as collect_activations
 from .data import ImageSource
 from .data import images as make_images
 from .errors import ConfigError, RunStateError
 from .grid import GridLevel, grid_levels, load_grid, save_grid
-from .layout import Layout, LayoutConfig, compute_layout, load_layout, save_layout
+from .layout import (AlignConfig, Layout, LayoutConfig, compute_aligned_layouts, compute_layout, load_layout,
+                     save_layout)
 from .models import ModelSpec, Preprocess, load_model, prepare_spec, spec_from_module
 from .render import RenderConfig, fidelity_of_activations
 from .render.icons import ICON_ARRAYS, render_icon_batch
@@ -90,6 +92,14 @@ class LayoutResult:
 
 
 @dataclass
+class AlignedLayoutResult:
+    """The aligned layouts of several layers ({layer: Layout}, in the aligned order)."""
+
+    report: StageReport
+    layouts: dict[str, Layout]
+
+
+@dataclass
 class GridResult:
     report: StageReport
     levels: list[GridLevel]
@@ -129,13 +139,15 @@ class AssembleResult:
 
 @dataclass
 class BuildReport:
-    """What `build_atlas` did: per-stage reports, canvas PNG paths and the summary dict."""
+    """What `build_atlas` did: per-stage reports, canvas PNG paths ({G: path}; with several layers
+    {layer: {G: path}}) and the summary dict. `layer` is the (first) layer, `layers` all of them."""
 
     run_dir: Path
     layer: str
     stages: list[StageReport]
-    pngs: dict[int, Path]
+    pngs: dict
     summary: dict = field(default_factory=dict)
+    layers: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,10 +184,59 @@ def run_layout(run_dir: str | Path, layer: str | None = None, cfg: LayoutConfig 
     return LayoutResult(rep, load_layout(out, layer))
 
 
+def run_aligned_layout(run_dir: str | Path, layers: Sequence[str], cfg: LayoutConfig | None = None,
+                       align: AlignConfig | None = None, progress: bool = True) -> AlignedLayoutResult:
+    """Stage: one joint layout of several layers (`actatlas.layout.compute_aligned_layouts`) ->
+    ``RUN/layout-aligned/<layer>.npy`` (+ .raw.npy, .json), per layer in the format of `run_layout`.
+
+    `layers` (two or more, in the order consecutive layers are aligned) must hold the same samples at
+    the same image locations: a collect with shared locations (`actatlas.alignment.check_shared_rows`
+    refuses anything else with what to collect again). One stage per run ("layout-aligned"): another
+    set of layers or other settings replace the previous aligned layouts."""
+    run_dir = Path(run_dir)
+    run = open_run(run_dir)
+    layers = [check_layer(run, ly) for ly in layers]
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"layers lists a layer twice: {', '.join(layers)}")
+    check_shared_rows(run, layers)
+    cfg = cfg or LayoutConfig()
+    align = align or AlignConfig()
+    record = {"collect": stage_hash(run_dir, "collect"), "layers": layers, "layout": settings_record(cfg),
+              "align": dataclasses.asdict(align)}
+    out = run_dir / ALIGNED_DIR
+
+    def fn(resume):
+        if out.exists():      # an earlier set of layers, or a try that was killed part-way
+            shutil.rmtree(out)
+        computed = compute_aligned_layouts([run.activations(ly) for ly in layers], cfg, align, progress=progress)
+        for ly, lay in zip(layers, computed):
+            save_layout(lay, out, ly)
+
+    def outputs_ok():
+        return all((out / f"{layer_dirname(ly)}.{ext}").is_file() for ly in layers for ext in ("npy", "json"))
+
+    rep = run_stage(run_dir, ALIGNED_STAGE, record, fn, outputs_ok)
+    return AlignedLayoutResult(rep, {ly: load_layout(out, ly) for ly in layers})
+
+
+def _layout_source(run_dir: Path, layer: str, aligned: bool) -> tuple[str, Path]:
+    """(stage hash, folder) of the layout that the grid of `layer` reads: its own layout, or (aligned)
+    the run's aligned layout, which must include the layer."""
+    if not aligned:
+        return stage_hash(run_dir, f"layout:{layer}"), run_dir / "layout"
+    h = stage_hash(run_dir, ALIGNED_STAGE)
+    done = (read_manifest(run_dir)["stages"][ALIGNED_STAGE].get("config") or {}).get("layers", [])
+    if layer not in done:
+        raise ConfigError(f"the aligned layout of {run_dir} covers {', '.join(done)}, not {layer}")
+    return h, run_dir / ALIGNED_DIR
+
+
 def run_grid(run_dir: str | Path, layer: str | None = None, levels: Sequence[int] = DEFAULT_LEVELS,
-             min_count: int = DEFAULT_MIN_COUNT, topk: int = 5, progress: bool = True) -> GridResult:
+             min_count: int = DEFAULT_MIN_COUNT, topk: int = 5, progress: bool = True,
+             aligned: bool = False) -> GridResult:
     """Stage: multi-level grid over the layout (method.md §1.6–1.7, §2) -> ``RUN/grid/<layer>``.
 
+    `aligned`: over the layer's aligned layout (`run_aligned_layout`) instead of its own.
     A level in which no cell reaches `min_count` samples is skipped with a warning (recorded in
     ``levels.json``); the others are built. No non-empty level at all is a ConfigError."""
     run_dir = Path(run_dir)
@@ -184,13 +245,13 @@ def run_grid(run_dir: str | Path, layer: str | None = None, levels: Sequence[int
     levels = sorted({int(g) for g in levels})
     if not levels or levels[0] < 1:
         raise ConfigError("grid levels must be positive integers, e.g. 10,20,40")
-    record = {"layout": stage_hash(run_dir, f"layout:{layer}"), "levels": levels, "min_count": min_count,
-              "topk": topk}
+    layout_hash, layout_dir = _layout_source(run_dir, layer, aligned)
+    record = {"layout": layout_hash, "levels": levels, "min_count": min_count, "topk": topk}
     out = run_dir / "grid"
     index = out / layer_dirname(layer) / "levels.json"
 
     def fn(resume):
-        coords = load_layout(run_dir / "layout", layer).coords
+        coords = load_layout(layout_dir, layer).coords
         lv = grid_levels(coords, run.activations(layer), levels, attributions=run.attributions(layer),
                          min_count=min_count, topk=topk)
         empty = {g.size: _empty_level_note(g.size, len(coords), min_count) for g in lv if len(g.i) == 0}
@@ -606,11 +667,48 @@ def _images_record(images) -> Any:
     return None
 
 
-def build_atlas(images=None, out: str | Path | None = None, *, model=None, layer: str | None = None,
+def _layer_names(layer, layers) -> list[str] | None:
+    """The layers asked for: `layer` (a name or a list) or `layers`, as a list; None for the default."""
+    if layer is not None and layers is not None:
+        raise ConfigError("give layer= or layers=, not both")
+    names = layers if layers is not None else layer
+    if names is None:
+        return None
+    names = [names] if isinstance(names, str) else list(names)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"layers must be layer names, got {names!r}")
+    return names
+
+
+def _align_config(align) -> AlignConfig | None:
+    if align is None or align is False:
+        return None
+    if align is True:
+        return AlignConfig()
+    if isinstance(align, AlignConfig):
+        return align
+    if isinstance(align, dict):
+        return AlignConfig.from_dict(align)
+    raise ConfigError(f"align must be True, False or an AlignConfig, not {type(align).__name__}")
+
+
+def _check_alignable_run(out: Path, names: list[str]) -> None:
+    """Before anything runs: a finished collect in `out` made without shared locations cannot be
+    aligned (a new collect there would only be refused as a different config)."""
+    complete = out / "collect" / "complete.json"
+    if complete.is_file() and not json.loads(complete.read_text())["config"].get("shared_locations"):
+        raise RunStateError(f"{out} was collected without shared locations: each layer sampled its own image "
+                            "positions, so its rows do not correspond and cannot be aligned; collect "
+                            f"{', '.join(names)} again with shared_locations into a new run directory (an aligned "
+                            "build into a new out= does that)")
+
+
+def build_atlas(images=None, out: str | Path | None = None, *, model=None, layer: str | Sequence[str] | None = None,
                 levels: Sequence[int] | None = None, min_count: int | None = None, limit: int | None = None,
                 collect: CollectConfig | None = None, layout: LayoutConfig | None = None,
                 render: RenderConfig | None = None, runtime: Runtime | None = None, weights: str | None = None,
-                sha256: str | None = None, model_options: dict | None = None) -> Atlas:
+                sha256: str | None = None, model_options: dict | None = None,
+                layers: Sequence[str] | None = None, align: bool | AlignConfig | None = None) -> Atlas | AtlasSet:
     """The whole activation atlas with one call: collect -> layout -> grid -> render -> assemble.
 
     Args:
@@ -619,7 +717,13 @@ def build_atlas(images=None, out: str | Path | None = None, *, model=None, layer
             settings it was built with (any argument given here overrides its saved value).
         out: the run directory (created).
         model: a registered name (default ``"efficientnet_lite0"``), a `ModelSpec` or an ``nn.Module``.
-        layer: layer name or alias (default: the model's default layer).
+        layer: layer name or alias (default: the model's default layer), or a list of them.
+        layers: several layers (the same as a list in `layer`): one atlas per layer, collected in one pass.
+        align: lay the layers out jointly (`run_aligned_layout`; True, or an `AlignConfig`): the layers
+            are collected at shared image locations, so each sample is the same image place in every
+            layer, and ``summary["alignment"]`` measures how well their maps line up (aligned against
+            the layers' independent layouts, which are computed too). Needs two or more layers with a
+            spatial map. Without it each layer keeps its own independent layout.
         levels: grid sizes, coarse to fine (default 10, 20, 40).
         min_count: smallest kept cell (default 6, the recipe's count > 5).
         limit: use only the first N images.
@@ -629,7 +733,8 @@ def build_atlas(images=None, out: str | Path | None = None, *, model=None, layer
         weights, sha256, model_options: passed to ``load_model`` for a model given by name.
 
     Stages whose inputs and config are unchanged are skipped; interrupted stages resume. Returns the
-    `Atlas`; ``atlas.report`` is the `BuildReport` (stages run, times, canvases, summary).
+    `Atlas` of one layer, or an `AtlasSet` (one `Atlas` per layer, in order) of several;
+    ``.report`` is the `BuildReport` (stages run, times, canvases, summary).
     """
     if out is None:
         raise ConfigError("build_atlas needs out= (the run directory)")
@@ -639,6 +744,15 @@ def build_atlas(images=None, out: str | Path | None = None, *, model=None, layer
         if not saved and not (out / "collect" / "complete.json").is_file():
             raise ConfigError(f"{out} holds no run to continue; pass images= to start one")
         images = saved.get("images")
+    names = _layer_names(layer, layers)
+    if names is None:
+        names = saved.get("layers") or ([saved["layer"]] if saved.get("layer") else None)
+    acfg = _align_config(align if align is not None else saved.get("align"))
+    if acfg is not None and (names is None or len(names) < 2):
+        raise ConfigError(f"align lays out two or more layers jointly; got {', '.join(names) if names else 'one layer'}"
+                          " (give layers=[...] with two or more)")
+    if acfg is not None:
+        _check_alignable_run(out, names)
     source = None if images is None or isinstance(images, ImageSource) else make_images(images)
     source = images if isinstance(images, ImageSource) else source
     ccfg = collect or (_collect_config(saved["collect"]) if saved.get("collect") else None)
@@ -657,7 +771,6 @@ def build_atlas(images=None, out: str | Path | None = None, *, model=None, layer
         runtime = Runtime(device=ccfg.device, engine=ccfg.engine, threads=ccfg.threads, address=ccfg.address)
     runtime.apply()
     model = model if model is not None else saved.get("model", DEFAULT_MODEL)
-    layer = layer if layer is not None else saved.get("layer")
     min_count = int(min_count if min_count is not None else saved.get("min_count", DEFAULT_MIN_COUNT))
     lcfg = layout or (LayoutConfig.from_dict(saved["layout"]) if saved.get("layout") else LayoutConfig())
     rcfg = render or (RenderConfig(**saved["render"]) if saved.get("render") else RenderConfig.cpu_default())
@@ -669,8 +782,11 @@ def build_atlas(images=None, out: str | Path | None = None, *, model=None, layer
         weights, sha256 = saved.get("weights"), saved.get("sha256")
 
     spec = _resolve_model(model, weights, sha256, model_options, runtime.model_device)
-    ccfg = dataclasses.replace(ccfg, layers=(layer,) if layer else ccfg.layers, limit=limit, device=runtime.device,
-                               engine=runtime.engine, address=runtime.address, threads=runtime.threads)
+    if acfg is not None:     # before anything is written
+        check_alignable(spec, resolve_layers(spec, names))
+    ccfg = dataclasses.replace(ccfg, layers=tuple(names) if names else ccfg.layers, limit=limit,
+                               device=runtime.device, engine=runtime.engine, address=runtime.address,
+                               threads=runtime.threads, shared_locations=ccfg.shared_locations or acfg is not None)
     t0 = time.perf_counter()
     ensure_dir(out, "run directory")
     with run_lock(out, "build"):
@@ -685,27 +801,67 @@ def build_atlas(images=None, out: str | Path | None = None, *, model=None, layer
             "images": _images_record(images) if images is not None else saved.get("images"),
             "model": model if isinstance(model, str) else spec.name, "weights": weights, "sha256": sha256,
             "model_options": {k: v for k, v in model_options.items() if isinstance(v, (str, int, float, bool))},
-            "layer": layer, "levels": list(levels), "min_count": min_count, "limit": limit,
+            "layer": names[0] if names and len(names) == 1 else None,
+            "layers": names if names and len(names) > 1 else None,
+            "align": dataclasses.asdict(acfg) if acfg is not None else False,
+            "levels": list(levels), "min_count": min_count, "limit": limit,
             "collect": dataclasses.asdict(ccfg), "layout": dataclasses.asdict(lcfg),
             "render": {**dataclasses.asdict(rcfg), "device": None}}})
         ran = res is not None and not res.already_complete
         reports = [StageReport("collect", ran, res.seconds if ran else 0.0, stage_hash(out, "collect"))]
         run = open_run(out)
-        layer = check_layer(run, layer)
-        lay = run_layout(out, layer, lcfg, progress=runtime.progress)
-        grid = run_grid(out, layer, levels, min_count=min_count, progress=runtime.progress)
-        ren = run_render(out, layer, rcfg, spec=spec, progress=runtime.progress, runtime=runtime)
-        asm = run_assemble(out, layer, ren, spec=spec, progress=runtime.progress, device=runtime.model_device)
-        reports += [lay.report, grid.report, ren.report, asm.report]
-        atlas = asm.atlas
-        summary = _summary(out, run, layer, atlas, reports, asm.pngs, t0)
-        atlas.summary = summary
-        atlas.report = BuildReport(out, layer, reports, asm.pngs, summary)
-        write_json_atomic(atlas_dir(out, layer) / "atlas.json",
-                          {"layer": layer, "levels": [lv.size for lv in atlas.levels],
-                           "class_names": atlas.class_names, "summary": summary})
+        labels = [check_layer(run, ly) for ly in names] if names else [check_layer(run, None)]
+        own = {}       # each layer's own (independent) layout: its atlas without align, the baseline with it
+        if acfg is not None:
+            aligned = run_aligned_layout(out, labels, lcfg, acfg, progress=runtime.progress)
+            reports.append(aligned.report)
+        atlases, per_layer = [], {}
+        for ly in labels:
+            lay = run_layout(out, ly, lcfg, progress=runtime.progress)
+            own[ly] = lay.layout.coords
+            reports.append(lay.report)
+            grid = run_grid(out, ly, levels, min_count=min_count, progress=runtime.progress,
+                            aligned=acfg is not None)
+            ren = run_render(out, ly, rcfg, spec=spec, progress=runtime.progress, runtime=runtime)
+            asm = run_assemble(out, ly, ren, spec=spec, progress=runtime.progress, device=runtime.model_device)
+            reports += [grid.report, ren.report, asm.report]
+            atlases.append(asm.atlas)
+            per_layer[ly] = asm.pngs
+        if len(labels) == 1:
+            atlas = atlases[0]
+            summary = _summary(out, run, labels[0], atlas, reports, per_layer[labels[0]], t0)
+            atlas.summary = summary
+            atlas.report = BuildReport(out, labels[0], reports, per_layer[labels[0]], summary, layers=labels)
+            _write_atlas_json(out, atlas, summary)
+            write_json_atomic(out / "summary.json", summary)
+            return atlas
+        summary = {"run_dir": str(out), "model": run.config["model"], "layers": labels, "aligned": acfg is not None,
+                   "samples": int(run.summary["rows"][labels[0]]), "atlases": {}}
+        for ly, atlas in zip(labels, atlases):
+            mine = [r for r in reports if r.name.endswith(f":{ly}")]
+            atlas.summary = _summary(out, run, ly, atlas, mine, per_layer[ly], t0)
+            summary["atlases"][ly] = atlas.summary
+            _write_atlas_json(out, atlas, atlas.summary)
+        if acfg is not None:
+            summary["alignment"] = alignment_report(
+                run, labels, {ly: lay.coords for ly, lay in aligned.layouts.items()}, own, min(levels), min_count,
+                seed=lcfg.seed or 0)
+            summary["align"] = dataclasses.asdict(acfg)
+        stage_seconds = {k: v.get("seconds") for k, v in read_manifest(out).get("stages", {}).items()}
+        summary.update({"stages_run": [r.name for r in reports if r.ran],
+                        "seconds_this_call": {r.name: round(r.seconds, 3) for r in reports},
+                        "seconds_recorded": stage_seconds, "seconds": round(time.perf_counter() - t0, 3),
+                        "pngs": {ly: {str(g): str(p) for g, p in pngs.items()} for ly, pngs in per_layer.items()}})
         write_json_atomic(out / "summary.json", summary)
-    return atlas
+        result = AtlasSet(atlases, aligned=acfg is not None, summary=summary, run_dir=out)
+        result.report = BuildReport(out, labels[0], reports, per_layer, summary, layers=labels)
+    return result
+
+
+def _write_atlas_json(out: Path, atlas: Atlas, summary: dict) -> None:
+    write_json_atomic(atlas_dir(out, atlas.layer) / "atlas.json",
+                      {"layer": atlas.layer, "levels": [lv.size for lv in atlas.levels],
+                       "class_names": atlas.class_names, "summary": summary})
 
 
 def _summary(out: Path, run: Run, layer: str, atlas: Atlas, reports: list[StageReport], pngs: dict,
@@ -713,7 +869,7 @@ def _summary(out: Path, run: Run, layer: str, atlas: Atlas, reports: list[StageR
     stage_seconds = {k: v.get("seconds") for k, v in read_manifest(out).get("stages", {}).items()}
     return {
         "run_dir": str(out), "layer": layer, "model": run.config["model"],
-        "samples": int(sum(run.summary["rows"].values())),
+        "samples": int(run.summary["rows"].get(layer, sum(run.summary["rows"].values()))),
         "levels": [_level_summary(lv) for lv in atlas.levels],
         "mean_icon_fidelity": _mean([lv.fidelity for lv in atlas.levels]),
         "mean_member_fidelity": _mean([lv.member_fidelity for lv in atlas.levels]),
@@ -747,7 +903,8 @@ def _mean(arrays: list[np.ndarray]) -> float | None:
     return float(arr.mean()) if len(arr) else None
 
 
-__all__ = ["build_atlas", "BuildReport", "LayoutResult", "GridResult", "WhitenResult", "RenderResult",
-           "AssembleResult", "ScoresResult", "run_layout", "run_grid", "run_whiten", "run_render", "run_scores",
+__all__ = ["build_atlas", "BuildReport", "LayoutResult", "AlignedLayoutResult", "GridResult", "WhitenResult",
+           "RenderResult", "AssembleResult", "ScoresResult", "run_layout", "run_aligned_layout", "run_grid",
+           "run_whiten", "run_render", "run_scores",
            "run_assemble",
            "best_member_fidelity", "check_layer", "load_run_model"]

@@ -20,6 +20,10 @@ from .stages import read_manifest
 from .store import layer_dirname
 
 
+ALIGNED_STAGE = "layout-aligned"     # the stage key of a run's aligned layout (pipeline.run_aligned_layout)
+ALIGNED_DIR = "layout-aligned"       # RUN/layout-aligned/<layer>.npy: the aligned layouts
+
+
 @dataclass(frozen=True)
 class Rows:
     """Provenance of a layer's rows, as numpy columns of length n (row i <-> activation i)."""
@@ -94,6 +98,27 @@ class Run:
         k = int(self.config.get("topk", 10))
         idx = np.argsort(-np.asarray(full, np.float32), axis=1)[:, :k].astype(np.int32)
         return idx, np.take_along_axis(np.asarray(full, np.float32), idx, axis=1)
+
+    @property
+    def shared_locations(self) -> bool:
+        """Whether every layer sampled the same image locations (``CollectConfig.shared_locations``)."""
+        return bool(self.config.get("shared_locations"))
+
+    def locations(self, layer: str) -> np.ndarray | None:
+        """float32 [n, 2] the normalized image location (u down, v across) of each row, stored by a
+        collect with shared locations (memory-mapped); None otherwise."""
+        p = self._dir(layer) / "locations.npy"
+        return np.load(p, mmap_mode="r") if p.is_file() else None
+
+    def aligned_layers(self) -> list[str]:
+        """The layers whose grid was built on the run's aligned layout, in the aligned order ([] when
+        none): the export links these layers' cells to their neighbours'."""
+        stages = read_manifest(self.path).get("stages", {})
+        st = stages.get(ALIGNED_STAGE)
+        if not st or st.get("status") != "complete":
+            return []
+        return [ly for ly in st.get("config", {}).get("layers", [])
+                if (stages.get(f"grid:{ly}") or {}).get("config", {}).get("layout") == st.get("hash")]
 
     @cached_property
     def _rows_cache(self) -> dict:

@@ -128,4 +128,9 @@ def enable_numba_cache(directory: str | None = None) -> str:
     return d
 
 
-__all__ = ["Runtime", "enable_numba_cache", "default_numba_cache_dir", "ENGINES"]
+def numba_cache_enabled() -> bool:
+    """Whether `enable_numba_cache` has switched on the disk cache in this process."""
+    return _numba_cache_enabled
+
+
+__all__ = ["Runtime", "enable_numba_cache", "numba_cache_enabled", "default_numba_cache_dir", "ENGINES"]

@@ -198,6 +198,7 @@ class LayerBatch:
     attributions: np.ndarray | None = None   # [m, classes] float16 (full)
     attr_index: np.ndarray | None = None     # [m, k] int32 (topk)
     attr_value: np.ndarray | None = None     # [m, k] float32 (topk)
+    locations: np.ndarray | None = None      # [m, 2] float32 shared image locations (u, v)
 
 
 class ShardWriter:
@@ -206,7 +207,7 @@ class ShardWriter:
     def __init__(self, store_dir: Path, shard_id: int, start: int, stop: int, layers: list[str],
                  act_dtype: np.dtype, widths: dict[str, dict[str, int]]):
         """`widths`: layer -> {array file stem: row width} for every array the store keeps
-        (``activations``, and ``attributions`` or ``attr_index``/``attr_value``), so a shard whose
+        (``activations``, ``attributions`` or ``attr_index``/``attr_value``, ``locations``), so a shard whose
         images all failed to decode still stores 0 rows of the right width."""
         self.store_dir = Path(store_dir)
         self.shard_id, self.start, self.stop = shard_id, start, stop
@@ -267,7 +268,8 @@ class ShardWriter:
         _fsync_dir(shards)
 
 
-_ARRAY_DTYPES = {"attributions": np.float16, "attr_index": np.int32, "attr_value": np.float32}
+_ARRAY_DTYPES = {"attributions": np.float16, "attr_index": np.int32, "attr_value": np.float32,
+                 "locations": np.float32}
 
 
 def _concat(arrays: list[np.ndarray], dtype=None) -> np.ndarray:

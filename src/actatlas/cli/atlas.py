@@ -7,28 +7,32 @@ from pathlib import Path
 
 from ..collect import CollectConfig
 from ..data import images
-from ..errors import RunStateError
+from ..errors import ConfigError, RunStateError
 from ..export import export_site, serve
 from ..export.serve import check_port
-from ..pipeline import (build_atlas, check_layer, positions_per_image, run_assemble, run_grid,
+from ..layout import AlignConfig
+from ..pipeline import (build_atlas, check_layer, positions_per_image, run_aligned_layout, run_assemble, run_grid,
                         run_layout, run_render)
 from ..run import load_run_model, open_run
 from ..store import ensure_dir
 from .common import (add_common, add_engine_args, add_grid_args, add_layout_args, add_max_pixels, add_model_args,
-                     add_render_args, emit, layout_config, load_model_of, model_options,
+                     add_render_args, emit, layout_config, load_model_of, model_options, parse_layers,
                      parse_levels, render_config, runtime_of, stage_line)
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("layout", help="2-D layout (UMAP by default) of a collected layer")
+    p = sub.add_parser("layout", help="2-D layout (UMAP by default) of a collected layer, or several aligned")
     p.add_argument("run", help="run directory")
     p.add_argument("--layer", "-l", help="collected layer (default: the first)")
+    p.add_argument("--layers", help="with --align: the collected layers to lay out jointly, comma-separated, in order")
+    add_align_args(p)
     add_layout_args(p)
     add_common(p)
 
     p = sub.add_parser("grid", help="multi-level grid of cells over the layout")
     p.add_argument("run", help="run directory")
     p.add_argument("--layer", "-l")
+    p.add_argument("--aligned", action="store_true", help="over the layer's aligned layout ('layout --align')")
     add_grid_args(p)
     add_common(p)
 
@@ -44,6 +48,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--images", "-i", required=True, help="a folder, a .txt list or sample[:N]")
     p.add_argument("--out", "-o", required=True, help="run directory")
     p.add_argument("--layer", "-l", help="layer name or alias (default: the model's)")
+    p.add_argument("--layers", help="several layers, comma-separated (one atlas each, collected in one pass; "
+                                    "the viewer steps through them in this order)")
+    add_align_args(p)
     p.add_argument("--limit", type=int, help="use only the first N images")
     p.add_argument("--per-image", type=int, default=None,
                    help="random positions per image (default: enough for about 2.5 samples per cell of the "
@@ -78,8 +85,42 @@ def add_parsers(sub) -> None:
     add_common(p)
 
 
+def add_align_args(p) -> None:
+    p.add_argument("--align", action="store_true",
+                   help="lay the --layers out jointly (umap-learn's AlignedUMAP, or Procrustes-aligned PCA with "
+                        "--method pca), collected at shared image locations, so a place means the same in every "
+                        "layer's map")
+    p.add_argument("--align-regularisation", type=float, default=0.01,
+                   help="AlignedUMAP's alignment_regularisation: pull toward the neighbouring layers (default: 0.01)")
+    p.add_argument("--align-window", type=int, default=3,
+                   help="AlignedUMAP's alignment_window_size: layers pulling on each side (default: 3)")
+
+
+def _layers_and_align(args) -> tuple[list[str] | None, AlignConfig | None]:
+    """The layers of --layer / --layers and the AlignConfig of --align (one-line errors for bad pairs)."""
+    if args.layer and args.layers:
+        raise ConfigError("give --layer or --layers, not both")
+    names = list(parse_layers(args.layers)) if args.layers else ([args.layer] if args.layer else None)
+    if not args.align:
+        return names, None
+    if not names or len(names) < 2:
+        raise ConfigError(f"--align lays out two or more layers jointly; got {', '.join(names) if names else 'one layer'}"
+                          " (give --layers A,B,...)")
+    return names, AlignConfig(regularisation=args.align_regularisation, window=args.align_window)
+
+
 def cmd_layout(args) -> None:
-    res = run_layout(args.run, args.layer, layout_config(args), progress=not args.quiet)
+    names, align = _layers_and_align(args)
+    if align is not None:
+        res = run_aligned_layout(args.run, names, layout_config(args), align, progress=not args.quiet)
+        n = len(next(iter(res.layouts.values())).coords)
+        emit(args, {"stage": res.report.name, "ran": res.report.ran, "seconds": res.report.seconds, "rows": int(n),
+                    "layers": names},
+             stage_line(res.report) + f" ({len(names)} layers x {n} points)")
+        return
+    if names and len(names) > 1:
+        raise ConfigError("--layers without --align: lay the layers out one at a time with --layer")
+    res = run_layout(args.run, names[0] if names else None, layout_config(args), progress=not args.quiet)
     n = len(res.layout.coords)
     emit(args, {"stage": res.report.name, "ran": res.report.ran, "seconds": res.report.seconds, "rows": int(n)},
          stage_line(res.report) + f" ({n} points)")
@@ -87,7 +128,7 @@ def cmd_layout(args) -> None:
 
 def cmd_grid(args) -> None:
     res = run_grid(args.run, args.layer, parse_levels(args.levels), min_count=args.min_count,
-                   progress=not args.quiet)
+                   progress=not args.quiet, aligned=args.aligned)
     cells = {int(lv.size): int(len(lv.i)) for lv in res.levels}
     emit(args, {"stage": res.report.name, "ran": res.report.ran, "seconds": res.report.seconds, "cells": cells},
          stage_line(res.report) + " (cells per level: " + ", ".join(f"{g}: {c}" for g, c in cells.items()) + ")")
@@ -111,12 +152,13 @@ def cmd_render(args) -> None:
 
 def cmd_build(args) -> None:
     runtime = runtime_of(args)
+    names, align = _layers_and_align(args)
     levels = parse_levels(args.levels)
     render = render_config(args)
     layout = layout_config(args)
     spec = load_model_of(args, runtime)
     source = images(args.images, max_pixels=args.max_pixels)
-    atlas = build_atlas(source, out=args.out, model=spec, layer=args.layer, levels=levels,
+    built = build_atlas(source, out=args.out, model=spec, layer=names, levels=levels,
                         min_count=args.min_count, limit=args.limit,
                         collect=CollectConfig(per_image=args.per_image or positions_per_image(
                                                   min(len(source), args.limit or len(source)), levels),
@@ -124,25 +166,50 @@ def cmd_build(args) -> None:
                                               batch_size=args.collect_batch_size,
                                               smooth_maxpool=args.smooth_maxpool),
                         layout=layout, render=render, runtime=runtime, weights=args.weights, sha256=args.sha256,
-                        model_options=model_options(args))
-    s = atlas.summary
+                        model_options=model_options(args), align=align if align is not None else False)
+    s = built.summary
+    if "atlases" not in s:      # one layer
+        lines = [f"atlas of {s['model']} layer {s['layer']} from {s['samples']} samples:", *_level_lines(s)]
+        lines.append("stages run: " + (", ".join(s["stages_run"]) or "none (everything up to date)"))
+        lines += [f"canvas level {g}: {p}" for g, p in s["pngs"].items()]
+        emit(args, s, "\n".join(lines))
+        return
+    kind = "aligned atlases" if s["aligned"] else "atlases"
+    lines = [f"{kind} of {s['model']} layers {', '.join(s['layers'])} from {s['samples']} samples each:"]
+    for ly, one in s["atlases"].items():
+        lines.append(f" {ly}:")
+        lines += _level_lines(one)
+    al = s.get("alignment")
+    if al:
+        lines.append("alignment (mean over consecutive layers; displacement in the [0,1]^2 map):")
+        d = al["mean"]["displacement"]
+        lines.append(f"  displacement: aligned {_r3(d.get('aligned'))}, independent after Procrustes "
+                     f"{_r3(d.get('independent_after_procrustes'))}, chance {_r3(d.get('chance'))}")
+        kept = al["mean"].get("top_class_kept")
+        if kept:
+            lines.append(f"  coarsest cells keeping their top class: aligned {_r3(kept.get('aligned'))}, "
+                         f"independent after Procrustes {_r3(kept.get('independent_after_procrustes'))}")
+    lines.append("stages run: " + (", ".join(s["stages_run"]) or "none (everything up to date)"))
+    lines += [f"canvas {ly} level {g}: {p}" for ly, pngs in s["pngs"].items() for g, p in pngs.items()]
+    emit(args, s, "\n".join(lines))
 
-    def r3(v):
-        return v if v is None else round(v, 3)
 
-    lines = [f"atlas of {s['model']} layer {s['layer']} from {s['samples']} samples:"]
+def _r3(v):
+    return v if v is None else round(v, 3)
+
+
+def _level_lines(s: dict) -> list[str]:
+    lines = []
     for lv in s["levels"]:
         line = (f"  level {lv['size']:>3}: {lv['cells']:>5} cells, objective alignment: icons "
-                f"{r3(lv['icon_fidelity'])}, best real member {r3(lv['member_fidelity'])}")
+                f"{_r3(lv['icon_fidelity'])}, best real member {_r3(lv['member_fidelity'])}")
         sc = lv.get("scores") or {}
         if sc.get("icons") and sc.get("members"):
             ic, mb = sc["icons"], sc["members"]
-            line += (f"; retrieval@1 raw: icons {r3(ic.get('retrieval_at1_raw'))} / random member "
-                     f"{r3(mb.get('retrieval_at1_raw'))}")
+            line += (f"; retrieval@1 raw: icons {_r3(ic.get('retrieval_at1_raw'))} / random member "
+                     f"{_r3(mb.get('retrieval_at1_raw'))}")
         lines.append(line)
-    lines.append("stages run: " + (", ".join(s["stages_run"]) or "none (everything up to date)"))
-    lines += [f"canvas level {g}: {p}" for g, p in s["pngs"].items()]
-    emit(args, s, "\n".join(lines))
+    return lines
 
 
 def cmd_export(args) -> None:

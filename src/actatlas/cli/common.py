@@ -27,7 +27,7 @@ FLAGS = {
     "topk": "--topk", "max_pixels": "--max-pixels", "fit_max": "--fit-max", "n_neighbors": "--n-neighbors",
     "min_dist": "--min-dist", "pca_dims": "--pca-dims", "border": "--border", "layers": "--layers",
     "limit": "--limit", "threads": "--threads", "engine": "--engine", "device": "--device",
-    "allow_random_weights": "--allow-random-weights",
+    "allow_random_weights": "--allow-random-weights", "shared_locations": "--shared-locations",
 }
 _NAME = re.compile(r"(?<![\w-])(" + "|".join(sorted(FLAGS, key=len, reverse=True)) + r")(?=[=\s)\],;:]|$)")
 

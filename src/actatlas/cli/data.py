@@ -34,6 +34,9 @@ def add_parsers(sub) -> None:
                    help="spatial positions per image (default: random, away from the border)")
     p.add_argument("--per-image", type=int, default=1, help="positions per image for --positions random")
     p.add_argument("--border", type=int, default=1, help="cells to avoid at each edge for random positions")
+    p.add_argument("--shared-locations", action="store_true",
+                   help="every layer samples the same image locations (drawn once per image on the coarsest "
+                        "layer's map): what an aligned layout of the layers needs ('layout --align')")
     p.add_argument("--attributions", default="full", choices=["full", "topk", "none"],
                    help="per-class attribution of each vector: full (float16), topk, none (default: full)")
     p.add_argument("--topk", type=int, default=10, help="classes kept per row with --attributions topk")
@@ -102,7 +105,7 @@ def cmd_collect(args) -> None:
         batch_size=args.batch_size, shard_size=args.shard_size, device=args.device, threads=args.threads,
         loader_threads=args.loader_threads, activation_dtype="float16" if args.float16 else "float32",
         amp=args.amp, engine=args.engine, address=args.address, ray_actors=args.ray_actors,
-        smooth_maxpool=args.smooth_maxpool)
+        smooth_maxpool=args.smooth_maxpool, shared_locations=args.shared_locations)
     res = collect(spec, source, args.out, cfg, progress=runtime.progress, overwrite=args.overwrite)
     if res.already_complete:
         human = f"{res.run_dir}: already complete ({res.rows} rows from {res.images} images); nothing to do"

@@ -23,6 +23,14 @@ cell's random real member (``moa`` its objective alignment; ``mrrl`` / ``mrwl`` 
 cell's mean without itself); ``pcf``, ``pct``, ``pbf`` the medians
 over the cell's real patches (``pn`` of them).
 
+Aligned layers (an export of several layers of a run laid out jointly, ``build_atlas(..., align=True)``):
+the manifest has ``aligned: true`` and ``aligned_layers`` (their order), and each level JSON of such a
+layer has ``links``: ``{"prev": L, "next": L}`` (each present when that neighbour was exported) with
+``L = {layer, o, c, n}``, for every cell of this level where its samples lie in the neighbouring
+layer's level of the same size: cell number c's targets are ``c[o[c]:o[c+1]]`` (cell numbers of that
+level) holding ``n[...]`` of its samples, most first, at most `LINKS_PER_CELL` of them (samples in
+dropped cells, or beyond the cap, are not listed).
+
 Class heat (format 2, present when the run has attributions): the full mean attribution of every
 class in every cell, one small binary file per class, fetched when the class is chosen (the first
 paint loads none). The manifest's layer entry has ``class_heat = {url: "data/<layer>/class-heat/{c}.bin",
@@ -66,7 +74,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from ..atlas import (Atlas, AtlasLevel, aligned_attributions, cell_winners, class_heat_values, cut_patch,
+from ..atlas import (Atlas, AtlasLevel, AtlasSet, aligned_attributions, cell_winners, class_heat_values, cut_patch,
                      patch_box)  # noqa: F401  (patch_box: public here as before)
 from ..data import ImageDecodeError, load_rgb
 from ..errors import ConfigError, RunStateError, UserError
@@ -83,6 +91,7 @@ SHEET_MAX_PX = 2048
 PATCH_SHEET_MAX_PX = 2048
 FORMAT = 2
 FALLBACK_INPUT = 224  # side of the plain centre crop used when the model's input geometry is unknown
+LINKS_PER_CELL = 64   # target cells listed per cell in an aligned level's links
 
 
 def _static(name: str) -> str:
@@ -399,9 +408,10 @@ def _level_heat(ctx: _LayerExport, level: AtlasLevel, grid: GridLevel | None) ->
     return att
 
 
-def _export_level(ctx: _LayerExport, level: AtlasLevel, grid: GridLevel | None, heats: list) -> dict:
-    """Write one level (icons, patches, cell JSON); with attributions, appends ``(G, q, pos, neg)``
-    (`quantize_heat`) to `heats`. Returns the manifest's level entry."""
+def _export_level(ctx: _LayerExport, level: AtlasLevel, grid: GridLevel | None, heats: list,
+                  links: dict | None = None) -> dict:
+    """Write one level (icons, patches, cell JSON, the aligned `links` when given); with attributions,
+    appends ``(G, q, pos, neg)`` (`quantize_heat`) to `heats`. Returns the manifest's level entry."""
     G = int(level.size)
     sheets, sheet_of, slot_of, T = _icon_sheets(ctx, level)
     patch_info, pcount = _patch_sheets(ctx, level, grid)
@@ -409,6 +419,8 @@ def _export_level(ctx: _LayerExport, level: AtlasLevel, grid: GridLevel | None, 
     data = {"layer": ctx.atlas.layer, "size": G, "icon": level.icon_size, "tile": T, **cols,
             "s": sheet_of.tolist(), "k": slot_of.tolist(), "pc": pcount.tolist(),
             "sheets": sheets, "patches": patch_info, "samples": int(sum(cols["n"]))}
+    if links:
+        data["links"] = links
     att = _level_heat(ctx, level, grid)
     if att is not None:
         data["w"] = cell_winners(att, 1).tolist()
@@ -419,11 +431,13 @@ def _export_level(ctx: _LayerExport, level: AtlasLevel, grid: GridLevel | None, 
     return {"size": G, "cells": len(level.i), "url": url, "icon": level.icon_size, "samples": data["samples"]}
 
 
-def _export_layer(ctx: _LayerExport, grids: dict[int, GridLevel]) -> dict:
-    """Export every level of `ctx.atlas`; returns the manifest's entry for the layer (with its largest
-    icon size under "icon")."""
+def _export_layer(ctx: _LayerExport, grids: dict[int, GridLevel], links: dict[int, dict] | None = None) -> dict:
+    """Export every level of `ctx.atlas` (with the aligned `links` of each level size, when given);
+    returns the manifest's entry for the layer (with its largest icon size under "icon")."""
     heats: list = []
-    levels = [_export_level(ctx, lv, grids.get(int(lv.size)), heats) for lv in ctx.atlas.levels]
+    links = links or {}
+    levels = [_export_level(ctx, lv, grids.get(int(lv.size)), heats, links.get(int(lv.size)))
+              for lv in ctx.atlas.levels]
     entry = {"name": ctx.atlas.layer, "levels": levels,
              "total_samples": max([lv["samples"] for lv in levels] or [0]),
              "icon": max([lv["icon"] for lv in levels] or [0])}
@@ -431,6 +445,57 @@ def _export_layer(ctx: _LayerExport, grids: dict[int, GridLevel]) -> dict:
     if class_heat is not None:
         entry["class_heat"] = class_heat
     return entry
+
+
+# ---------------------------------------------------------------------------------------------
+# aligned layers: where a cell's samples lie in the neighbouring layers
+
+
+def _atlas_cell_of_row(level: AtlasLevel, grid: GridLevel) -> np.ndarray:
+    """int64 [n] the atlas cell number of each run row at this level (-1: in no kept cell)."""
+    index = {(int(a), int(b)): c for c, (a, b) in enumerate(zip(np.asarray(level.i), np.asarray(level.j)))}
+    to_atlas = np.array([index.get((int(a), int(b)), -1) for a, b in zip(np.asarray(grid.i), np.asarray(grid.j))]
+                        + [-1], np.int64)
+    return to_atlas[np.asarray(grid.cell_of_row, np.int64)]   # -1 (a dropped row) picks the trailing -1
+
+
+def cell_links(src: np.ndarray, dst: np.ndarray, m_src: int, m_dst: int, cap: int = LINKS_PER_CELL) -> dict:
+    """{o, c, n}: for each of the m_src cells, the cells of the other layer holding its samples and
+    how many, most first (at most `cap` per cell), from src / dst [n] (each row's cell in the two layers,
+    -1 for none), as CSR lists (see the module docstring)."""
+    ok = (src >= 0) & (dst >= 0)
+    keys, counts = np.unique(src[ok] * m_dst + dst[ok], return_counts=True)
+    a, b = keys // max(m_dst, 1), keys % max(m_dst, 1)
+    order = np.lexsort((b, -counts, a))
+    a, b, counts = a[order], b[order], counts[order]
+    rank = np.arange(len(a)) - np.searchsorted(a, a)
+    keep = rank < cap
+    a, b, counts = a[keep], b[keep], counts[keep]
+    return {"o": np.searchsorted(a, np.arange(m_src + 1)).tolist(), "c": b.tolist(), "n": counts.tolist()}
+
+
+def _aligned_links(atlases: Sequence[Atlas], grids: list[dict[int, GridLevel]], run: Run | None) -> dict:
+    """{layer: {G: {"prev": ..., "next": ...}}} for exported layers whose layouts were aligned together
+    (`Run.aligned_layers`), between neighbours in the export's order; {} otherwise."""
+    if run is None:
+        return {}
+    together = set(run.aligned_layers())
+    names = [a.layer for a in atlases]
+    if len(names) < 2 or not set(names) <= together:
+        return {}
+    out: dict = {ly: {} for ly in names}
+    for k in range(len(atlases) - 1):
+        A, B = atlases[k], atlases[k + 1]
+        for lv in A.levels:
+            G = int(lv.size)
+            ga, gb = grids[k].get(G), grids[k + 1].get(G)
+            lb = next((x for x in B.levels if int(x.size) == G), None)
+            if ga is None or gb is None or lb is None or len(ga.cell_of_row) != len(gb.cell_of_row):
+                continue
+            ra, rb = _atlas_cell_of_row(lv, ga), _atlas_cell_of_row(lb, gb)
+            out[A.layer].setdefault(G, {})["next"] = {"layer": B.layer, **cell_links(ra, rb, len(lv.i), len(lb.i))}
+            out[B.layer].setdefault(G, {})["prev"] = {"layer": A.layer, **cell_links(rb, ra, len(lb.i), len(lv.i))}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,7 +565,10 @@ def _build(w: _Writer, atlases: Sequence[Atlas], opt: _Settings) -> dict:
     geometry: list = []  # (geometry, s), found once when the first layer has provenance
 
     layers = []
-    for atlas in atlases:
+    grids = [_grid_levels(atlas, opt.run, opt.grids_from_run, notes) for atlas in atlases]
+    own_layout = opt.run is not None and opt.subset_rows is None and opt.grids_from_run
+    links = _aligned_links(atlases, grids, opt.run) if own_layout else {}
+    for atlas, grids_of in zip(atlases, grids):
         ctx = _LayerExport(w, atlas, f"data/{layer_dirname(atlas.layer)}", len(opt.class_names), notes,
                            patches_per_cell=max(0, int(opt.patches_per_cell)), patch_size=int(opt.patch_size))
         if ctx.patches_per_cell > 0:
@@ -512,17 +580,19 @@ def _build(w: _Writer, atlases: Sequence[Atlas], opt: _Settings) -> dict:
                     geometry.append(_input_geometry(opt.run))
                 geom, s = geometry[0]
                 ctx = dataclasses.replace(ctx, rows=rows, map_hw=hw, images=_ImageCache(geom, notes), input_size=s)
-        layers.append(_export_layer(ctx, _grid_levels(atlas, opt.run, opt.grids_from_run, notes)))
+        layers.append(_export_layer(ctx, grids_of, links.get(atlas.layer)))
     notes.warn()
     cfg = opt.run.config if opt.run is not None else {}
     total = max(ly["total_samples"] for ly in layers)
-    own_layout = opt.run is not None and opt.subset_rows is None and opt.grids_from_run
     rows_per_layer = opt.run.summary.get("rows") if own_layout else None  # else: the atlas's own count
     if isinstance(rows_per_layer, dict):
         total = int(rows_per_layer.get(atlases[0].layer, 0)) or total
     manifest = {"format": FORMAT, "title": opt.title or f"Activation atlas: {cfg.get('model', '')}",
                 "model": cfg.get("model"), "layers": layers, "class_names": opt.class_names,
                 "icon_size": max(ly["icon"] for ly in layers), "total_samples": total}
+    if links:
+        manifest["aligned"] = True
+        manifest["aligned_layers"] = [a.layer for a in atlases]
     w.json("manifest.json", manifest)
     return manifest
 
@@ -715,8 +785,12 @@ class AtlasView:
     single-file export of this atlas inside an iframe), or as the coarsest canvas when the atlas
     has no run (``run_dir``) to read class names, patches and grid levels from."""
 
-    atlas: Atlas
+    atlas: Atlas | AtlasSet
     height: int = 640
+
+    @property
+    def atlases(self) -> list[Atlas]:
+        return _atlas_list(self.atlas)
 
     @property
     def has_run(self) -> bool:
@@ -725,25 +799,31 @@ class AtlasView:
 
     def _repr_html_(self) -> str:
         if not self.has_run:
-            return _canvas_html(self.atlas)
-        return _iframe(_page([self.atlas], _settings([self.atlas], self.atlas.run_dir)), self.height)
+            return _canvas_html(self.atlases[0])
+        return _iframe(_page(self.atlases, _settings(self.atlases, self.atlas.run_dir)), self.height)
 
     def __repr__(self) -> str:
-        return f"AtlasView({self.atlas.layer!r}, levels={[lv.size for lv in self.atlas.levels]})"
+        a = self.atlases
+        return f"AtlasView({', '.join(repr(x.layer) for x in a)}, levels={[lv.size for lv in a[0].levels]})"
 
 
-def save_site(atlas: Atlas, path: str | os.PathLike, *, single_file: bool = False, patches_per_cell: int = 8,
-              patch_size: int = 64) -> Path:
-    """Write the viewer of `atlas` (``aa.build_atlas``'s result, or ``aa.open_atlas``) as a static site in
-    folder `path` (``single_file``: one self-contained ``index.html``); returns the index.html path.
+def _atlas_list(atlas: Atlas | AtlasSet) -> list[Atlas]:
+    return list(atlas) if isinstance(atlas, AtlasSet) else [atlas]
+
+
+def save_site(atlas: Atlas | AtlasSet, path: str | os.PathLike, *, single_file: bool = False,
+              patches_per_cell: int = 8, patch_size: int = 64) -> Path:
+    """Write the viewer of `atlas` (``aa.build_atlas``'s result: an `Atlas`, or an `AtlasSet` of several
+    layers, which the viewer steps through with its layer slider; or ``aa.open_atlas``) as a static site
+    in folder `path` (``single_file``: one self-contained ``index.html``); returns the index.html path.
     Serve a folder with ``actatlas serve PATH``. (A function, like `show`, not an ``Atlas`` method:
     the atlas module stays below the export.)"""
-    return export_atlases([atlas], path, single_file=single_file, patches_per_cell=patches_per_cell,
+    return export_atlases(_atlas_list(atlas), path, single_file=single_file, patches_per_cell=patches_per_cell,
                           patch_size=patch_size)
 
 
-def show(atlas: Atlas, height: int = 640) -> AtlasView:
-    """The interactive viewer of `atlas` in Jupyter (``aa.show(atlas)`` as a cell's last line): the
-    same page as ``actatlas export --single-file``, inside an iframe `height` pixels high. An atlas
-    without a run shows its coarsest canvas."""
+def show(atlas: Atlas | AtlasSet, height: int = 640) -> AtlasView:
+    """The interactive viewer of `atlas` (an `Atlas` or an `AtlasSet`) in Jupyter (``aa.show(atlas)`` as
+    a cell's last line): the same page as ``actatlas export --single-file``, inside an iframe `height`
+    pixels high. An atlas without a run shows its coarsest canvas."""
     return AtlasView(atlas, height)

@@ -91,7 +91,7 @@
   var filterMode = "weighted";      // class view: "weighted" by the class's attribution, or "winner" cells only
   var stats = { ready: false, layer: null, level: 0, drawn: 0, cells: 0, composite: false, drawMs: 0, frames: 0,
                 pending: 0, cls: -1, error: null, filter: "weighted", sign: 1, heatCells: null, heatShown: null,
-                heatMax: null, heatFormat: null, classError: null };
+                heatMax: null, heatFormat: null, classError: null, layerIndex: 0, aligned: false, links: null };
   var drawQueued = false, animating = false, lastLevelObj = null;
 
   function base() { return Math.min(W, H); }
@@ -100,11 +100,13 @@
   function toWorld(sx, sy) { return [(sx - W / 2) / k() + view.x, (sy - H / 2) / k() + view.y]; }
 
   // ------------------------------------------------------------------ data
-  function loadLevel(entry) {
-    var key = layer.name + "|" + entry.size;
+  // a level of layer entry `le` (default: the current layer), loaded once
+  function loadLevel(entry, le) {
+    le = le || layer;
+    var key = le.name + "|" + entry.size;
     var L = levels.get(key);
     if (L) return L;
-    L = { G: entry.size, entry: entry, ready: false, layer: layer.name, layerEntry: layer };
+    L = { G: entry.size, entry: entry, ready: false, layer: le.name, layerEntry: le };
     levels.set(key, L);
     getJSON(entry.url).then(function (d) {
       var m = d.i.length, G = d.size;
@@ -199,6 +201,80 @@
     L.heatKey = key; L.heatVal = r;
     return r;
   }
+  // ---- aligned layers: where the samples of a cell lie in the neighbouring layers (the level's links,
+  // see export/site.py); drawn over the map, which aligned layers share
+  var LINK_RGB = { prev: "0,137,123", next: "230,81,0" }, LINK_NAME = { prev: "previous", next: "next" };
+  function neighbourLevel(name, G) {
+    var le = manifest.layers.find(function (x) { return x.name === name; });
+    var e = le && le.levels.find(function (x) { return x.size === G; });
+    if (!e) return null;
+    var NL = loadLevel(e, le);
+    return NL.ready ? NL : null;
+  }
+  // {prev, next}: {layer, cells: [[cell, i, j, samples], ...] most first, total, same (samples in the same
+  // place), ready} for cell c of level L; null without links
+  function linkInfo(L, c) {
+    var links = L && L.d && L.d.links;
+    if (!links || c < 0 || c >= L.m) return null;
+    var out = {};
+    ["prev", "next"].forEach(function (side) {
+      var lk = links[side];
+      if (!lk) return;
+      var NL = neighbourLevel(lk.layer, L.G), info = { layer: lk.layer, cells: [], total: 0, same: 0, ready: !!NL };
+      for (var q = lk.o[c]; q < lk.o[c + 1]; q++) {
+        var t = lk.c[q], n = lk.n[q];
+        info.total += n;
+        if (!NL) continue;
+        info.cells.push([t, NL.d.i[t], NL.d.j[t], n]);
+        if (NL.d.i[t] === L.d.i[c] && NL.d.j[t] === L.d.j[c]) info.same += n;
+      }
+      out[side] = info;
+    });
+    return out;
+  }
+  function drawLinks(L, c) {
+    var info = linkInfo(L, c);
+    if (!info) return null;
+    var G = L.G, cell = k() / G;
+    ["prev", "next"].forEach(function (side) {
+      var s = info[side];
+      if (!s || !s.cells.length) return;
+      var mx = s.cells[0][3], inset = Math.min(side === "prev" ? 2 : 5, cell / 4);
+      ctx.save();
+      ctx.setLineDash(side === "prev" ? [5, 3] : []);
+      s.cells.forEach(function (t) {
+        var p = toScreen(t[1] / G, (G - 1 - t[2]) / G), a = t[3] / mx;
+        ctx.fillStyle = "rgba(" + LINK_RGB[side] + "," + (0.1 + 0.3 * a).toFixed(3) + ")";
+        ctx.fillRect(p[0], p[1], cell, cell);
+        ctx.lineWidth = 1 + 2 * a;
+        ctx.strokeStyle = "rgba(" + LINK_RGB[side] + ",0.95)";
+        ctx.strokeRect(p[0] + inset, p[1] + inset, cell - 2 * inset, cell - 2 * inset);
+      });
+      ctx.restore();
+    });
+    return info;
+  }
+  function linkStats(info) {
+    if (!info) return null;
+    var out = {};
+    Object.keys(info).forEach(function (side) {
+      var s = info[side];
+      out[side] = { layer: s.layer, cells: s.cells.length, samples: s.total, same: s.same, ready: s.ready };
+    });
+    return out;
+  }
+  function linkRows(L, c) {
+    var info = linkInfo(L, c);
+    if (!info) return "";
+    var rows = ["prev", "next"].filter(function (side) { return info[side]; }).map(function (side) {
+      var s = info[side], n = L.d.n[c];
+      return '<div><span class="sw" style="background:rgb(' + LINK_RGB[side] + ')"></span>in ' + esc(s.layer) +
+        " (" + LINK_NAME[side] + "): " + (s.ready ? Math.round(100 * s.same / Math.max(1, n)) + "% in this place, " +
+        s.cells.length + " cells" : "loading\u2026") + "</div>";
+    });
+    return rows.length ? '<div class="links">' + rows.join("") + "</div>" : "";
+  }
+
   function iconSrc(L, c) {
     var d = L.d, sh = d.sheets[d.s[c]], slot = d.k[c], ic = d.icon;
     return [getImage(sh.url), (slot % sh.cols) * ic, Math.floor(slot / sh.cols) * ic, ic];
@@ -389,6 +465,8 @@
       }
     }
     var hl = selected >= 0 ? selected : -1;
+    stats.links = hover >= 0 ? linkStats(drawLinks(L, hover)) : null;
+    if (tipAt && tipAt.c === hover && tipAt.ready !== linksReady(stats.links)) showTooltip(hover, tipAt.x, tipAt.y);
     [hl, hover].forEach(function (c, n) {
       if (c < 0 || c >= L.m) return;
       var s3 = toScreen(d.i[c] / G, (G - 1 - d.j[c]) / G);
@@ -580,18 +658,28 @@
   }
 
   // ------------------------------------------------------------------ UI
+  // another layer, the view kept (aligned layers share their places, so the same spot shows the same samples)
   function setLayer(li) {
     layer = manifest.layers[li];
     $("layer").value = layer.name;
+    $("layerslider").value = String(li);
+    $("layerpos").textContent = (li + 1) + "/" + manifest.layers.length + (manifest.aligned ? " aligned" : "");
+    stats.layerIndex = li;
     var sel = $("level");
     sel.innerHTML = '<option value="auto">auto</option>' + layer.levels.map(function (e) {
       return '<option value="' + e.size + '">' + e.size + "\u00d7" + e.size + "</option>";
     }).join("");
     if (levelMode !== "auto" && !layer.levels.some(function (e) { return String(e.size) === String(levelMode); })) levelMode = "auto";
     sel.value = levelMode;
-    hover = -1; selected = -1; closePanel(); lastLevelObj = null; miniKey = "";
+    hover = -1; selected = -1; closePanel(); lastLevelObj = null; miniKey = ""; tipAt = null;
     resize();
-    layer.levels.forEach(loadLevel);
+    layer.levels.forEach(function (e) { loadLevel(e); });
+    if (manifest.aligned) {   // the neighbours' levels too: hovering a cell shows where its samples lie there
+      [li - 1, li + 1].forEach(function (n) {
+        var ne = manifest.layers[n];
+        if (ne) ne.levels.forEach(function (e) { loadLevel(e, ne); });
+      });
+    }
     scheduleHash();
   }
   function setClass(c, keepText) {
@@ -700,16 +788,21 @@
     }
     return out.join("");
   }
+  // the neighbouring layers' data of the hovered cell can arrive after its tooltip: draw() shows it again then
+  var tipAt = null;
+  function linksReady(ls) { return !!ls && Object.keys(ls).every(function (k) { return ls[k].ready; }); }
   function showTooltip(c, sx, sy) {
     var tip = $("tooltip"), L = currentLevel();
+    tipAt = null;
     if (c < 0 || !L || !showTips) { tip.hidden = true; return; }
+    tipAt = { c: c, x: sx, y: sy, ready: linksReady(linkStats(linkInfo(L, c))) };
     var hinfo = heatInfo(L), extra = "";
     if (hinfo && hinfo.heat) {
       extra = '<div class="hrow">' + esc(names[cls]) + ": " + fmt(hinfo.attr[c]) + (filterMode === "winner" ?
         (hinfo.heat[c] > 0 ? " (winner)" : "") : " (" + Math.round(hinfo.heat[c] * 100) + " % of max)") + "</div>";
     }
     tip.innerHTML = "<table>" + topRows(L, c, 5) + '</table><div class="avg">Average of ' + L.d.n[c] +
-      " activations</div>" + extra;
+      " activations</div>" + extra + linkRows(L, c);
     tip.hidden = false;
     var tw = tip.offsetWidth, th = tip.offsetHeight;
     tip.style.left = Math.min(W - tw - 4, sx + 14) + "px";
@@ -823,7 +916,7 @@
       return;
     }
     dragMoved += Math.abs(dx) + Math.abs(dy);
-    $("tooltip").hidden = true;
+    $("tooltip").hidden = true; tipAt = null;
     panBy(dx, dy, false);
   });
   function endPointer(e) {
@@ -840,7 +933,7 @@
   }
   canvas.addEventListener("pointerup", endPointer);
   canvas.addEventListener("pointercancel", endPointer);
-  canvas.addEventListener("pointerleave", function () { if (!pointers.size) { hover = -1; $("tooltip").hidden = true; requestDraw(); } });
+  canvas.addEventListener("pointerleave", function () { if (!pointers.size) { hover = -1; $("tooltip").hidden = true; tipAt = null; requestDraw(); } });
   canvas.addEventListener("wheel", function (e) {
     e.preventDefault();
     var dy = e.deltaY * (e.deltaMode === 1 ? 40 : e.deltaMode === 2 ? 800 : 1);
@@ -873,6 +966,8 @@
       case "ArrowUp": panBy(0, step, true); break;
       case "ArrowDown": panBy(0, -step, true); break;
       case "Escape": closePanel(); break;
+      case "[": stepLayer(-1); break;
+      case "]": stepLayer(1); break;
       default: done = false;
     }
     if (done) e.preventDefault();
@@ -881,6 +976,14 @@
     var li = manifest.layers.findIndex(function (x) { return x.name === $("layer").value; });
     if (li >= 0) setLayer(li);
   });
+  $("layerslider").addEventListener("input", function () {
+    var li = parseInt($("layerslider").value, 10);
+    if (li >= 0 && li < manifest.layers.length && manifest.layers[li] !== layer) setLayer(li);
+  });
+  function stepLayer(delta) {
+    var li = manifest.layers.indexOf(layer) + delta;
+    if (li >= 0 && li < manifest.layers.length) setLayer(li);
+  }
   $("level").addEventListener("change", function () { levelMode = $("level").value; requestDraw(); scheduleHash(); });
   // typing: a class is shown as soon as the text names one; Enter / leaving the box with an unknown name says so
   function classFromInput(e) {
@@ -957,6 +1060,9 @@
     $("title").textContent = m.title || "Activation atlas";
     $("layer").innerHTML = m.layers.map(function (l) { return "<option>" + esc(l.name) + "</option>"; }).join("");
     $("layer").disabled = m.layers.length < 2;
+    $("layerslider").max = String(Math.max(0, m.layers.length - 1));
+    $("layerstep").hidden = m.layers.length < 2;
+    stats.aligned = !!m.aligned;
     $("classlist").innerHTML = names.map(function (n) { return '<option value="' + esc(n) + '">'; }).join("");
     var anyHeat = m.layers.some(function (l) { return !!l.class_heat || l.levels.some(function (e) { return !!e.heat; }); });
     if (!anyHeat) $("classfilter").hidden = true;
