@@ -23,9 +23,8 @@ The layouts themselves are kept (in a temporary folder) and compared as ``summar
 compares them (`actatlas.alignment.pair_measure`, displacement only): how far a sample moves between
 consecutive layers' maps, aligned vs independent after Procrustes, and by chance.
 
-``--stock N``: also time umap-learn's own ``AlignedUMAP.fit_transform`` at N rows (same settings), in
-its own subprocess, for the comparison (it recompiles its SGD on every call and computes its
-neighbourhood weights in O(n^2), so it is slow).
+``--stock N``: also time a bare ``AlignedUMAP.fit_transform`` call at N rows (the call the aligned
+layout makes, without its normalisation and bookkeeping), in its own subprocess.
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -48,33 +46,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))   # this checkout's actatlas, as in the measuring subprocesses
 
 
-class PeakSampler:
-    """Samples RssAnon of this process every `every` seconds on a thread; `.peak_kb` after stop()."""
-
-    def __init__(self, every: float = 0.02):
-        self.every, self.peak_kb, self._stop = every, 0, threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def read() -> int:
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-        return 0
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak_kb = max(self.peak_kb, self.read())
-            self._stop.wait(self.every)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak_kb = max(self.peak_kb, self.read())
+from bench_scale import PeakSampler  # noqa: E402  (scripts/ is on sys.path: run as a script)
 
 
 def synthetic(n: int, dims: list[int], seed: int = 0) -> list[np.ndarray]:

@@ -48,7 +48,9 @@ class PeakSampler:
         self.every, self.peak_kb, self._stop = every, 0, threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
-    def _read(self) -> int:
+    @staticmethod
+    def read() -> int:
+        """RssAnon of this process in kB (0 where /proc does not tell)."""
         for line in open("/proc/self/status"):
             if line.startswith("RssAnon:"):
                 return int(line.split()[1])
@@ -56,7 +58,7 @@ class PeakSampler:
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak_kb = max(self.peak_kb, self._read())
+            self.peak_kb = max(self.peak_kb, self.read())
             self._stop.wait(self.every)
 
     def __enter__(self):
@@ -66,7 +68,7 @@ class PeakSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
-        self.peak_kb = max(self.peak_kb, self._read())
+        self.peak_kb = max(self.peak_kb, self.read())
 
 
 def _hwm_kb() -> int:
