@@ -8,6 +8,7 @@ changing it). Anything that runs UMAP or the real model is marked ``slow``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -95,3 +96,20 @@ def layer_output_shapes(module, names, x) -> dict[str, tuple]:
         for h in hs:
             h.remove()
     return out
+
+
+@contextlib.contextmanager
+def serving(site):
+    """The viewer's server on `site`, bound to 127.0.0.1 on a free port, in a thread: yields its URL."""
+    import threading
+
+    from actatlas.export import make_server
+
+    srv = make_server(site, "127.0.0.1", 0)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}/"
+    finally:
+        srv.shutdown()
+        srv.server_close()

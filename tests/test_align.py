@@ -17,7 +17,7 @@ from actatlas.collect_batch import (CollectConfig, check_shared_layers, location
                                     shared_locations)
 from actatlas.export.site import cell_links
 from actatlas.layout import AlignConfig, LayoutConfig, compute_aligned_layouts, procrustes
-from conftest import needs_browser, tiny_build
+from conftest import needs_browser, serving, tiny_build
 
 LAYERS = ["conv1", "conv2", "relu2"]        # 8 x 32 x 32, 16 x 16 x 16, 16 x 16 x 16 in the tiny CNN
 
@@ -414,16 +414,8 @@ def test_export_without_alignment_has_no_links(tmp_path):
 
 @pytest.fixture(scope="module")
 def aligned_served(aligned_site):
-    import threading
-
-    from actatlas.export import make_server
-
-    srv = make_server(aligned_site, "127.0.0.1", 0)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/"
-    srv.shutdown()
-    srv.server_close()
+    with serving(aligned_site) as url:
+        yield url
 
 
 @needs_browser

@@ -18,7 +18,7 @@ from actatlas.export.site import patch_box
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 ARTIFACTS = ROOT / "test-artifacts"
-from conftest import needs_browser  # noqa: E402  (the `browser` fixture is conftest's too)
+from conftest import needs_browser, serving  # noqa: E402  (the `browser` fixture is conftest's too)
 
 
 # ------------------------------------------------------------------ fixtures
@@ -42,12 +42,8 @@ def site(run_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(site):
-    srv = make_server(site, "127.0.0.1", 0)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/"
-    srv.shutdown()
-    srv.server_close()
+    with serving(site) as url:
+        yield url
 
 
 class Page:
