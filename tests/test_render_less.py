@@ -143,7 +143,8 @@ def test_redirected_gradient_per_image():
     assert torch.equal(first, torch.tensor([[-1.0, 0.0], [0.0, 0.0]]))
 
 
-def test_redirected_relu_in_the_continuous_loop_changes_only_early_steps(tiny, dirs):
+def test_redirected_relu_runs_in_the_continuous_loop(tiny, dirs):
+    """The per-image redirect schedule works inside the continuous loop (each image on its own step)."""
     a = render_icons(tiny, "conv2", dirs, _cfg(steps=4, stop="plateau", redirected_relu=True), progress=False)
     b = render_icons(tiny, "conv2", dirs, _cfg(steps=4, stop="plateau", redirected_relu=False), progress=False)
     assert a.images.shape == b.images.shape == (6, 24, 24, 3)
@@ -224,12 +225,12 @@ def test_member_starts_are_the_closest_members_patches(tiny_run, tmp_path, build
     run = open_run(tiny_run.run_dir)
     layer = tiny_run.layer
     lv = load_grid(tiny_run.run_dir / "grid", layer)[-1]
-    init, mask = member_starts(run, layer, lv, np.arange(3), 16, tiny_run_spec := actatlas.load_model(
-        "tinymodels:tiny_cnn"))
+    spec = actatlas.load_model("tinymodels:tiny_cnn")
+    init, mask = member_starts(run, layer, lv, np.arange(3), 16, spec)
     assert init.shape == (3, 16, 16, 3) and mask.all()
     rows = run.rows(layer)
     shape = run.summary["layer_shapes"][layer]
-    pre = tiny_run_spec.preprocess
+    pre = spec.preprocess
     for c in range(3):
         r = int(lv.closest[c, 0])
         want = cut_patch(pre.geometry(load_rgb(rows.path[r])), rows.y[r], rows.x[r], tuple(shape[1:]),
